@@ -1,0 +1,126 @@
+"""Text adapter: any causal LM (Llama, Mistral, Qwen2, GPT-2 are tested) with a TokenMemory.
+
+Separators (for SepLLM) come from the tokenizer: every vocabulary entry whose text is one of
+``. , ? ! ; : space tab newline``, with or without a leading space marker.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from tokenmem.errors import TokenmemError
+from tokenmem.memory import TokenMemory
+
+SEPARATOR_TEXTS = (".", ",", "?", "!", ";", ":", " ", "\t", "\n")
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+_SPACE_MARKERS = (" ", "\u0120", "\u2581")  # plain space, byte-level 'Ġ', sentencepiece '▁'
+
+
+def separator_ids(tokenizer) -> list[int]:
+    """Ids of the tokenizer's separator tokens (see module docstring)."""
+    vocab = tokenizer.get_vocab()
+    ids = sorted(vocab.values())
+    texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+    raw = tokenizer.convert_ids_to_tokens(ids)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    found = []
+    for i, text, token in zip(ids, texts, raw):
+        if i in special:
+            continue
+        for candidate in (text, token):
+            if candidate is None:
+                continue
+            stripped = candidate[1:] if len(candidate) > 1 and candidate[0] in _SPACE_MARKERS else candidate
+            if candidate in SEPARATOR_TEXTS or stripped in SEPARATOR_TEXTS or candidate in _SPACE_MARKERS[1:]:
+                found.append(i)
+                break
+    return found
+
+
+def load_causal_lm(path: str, *, dtype: torch.dtype | str = "auto", **kwargs):
+    """``(model, tokenizer)`` from a local directory with the real ``from_pretrained``; left padding set up."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise TokenmemError(
+            f"model path {path!r} is not a local directory; tokenmem loads models with from_pretrained on a local "
+            "path (save one with model.save_pretrained(path) and tokenizer.save_pretrained(path))"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    model.eval()
+    prepare_tokenizer(tokenizer)
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Left padding, and a pad token (EOS) for tokenizers without one (GPT-2)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+@dataclass
+class Generation:
+    texts: list[str]
+    sequences: torch.Tensor  # [b, prompt + new]
+    memory: TokenMemory
+
+
+class TextAdapter:
+    """A causal LM + tokenizer with helpers to generate under a TokenMemory.
+
+    >>> adapter = TextAdapter.from_pretrained("path/to/model")
+    >>> result = adapter.generate(["def f(x):"], evictor="sink", budget=256, max_new_tokens=32)
+    >>> print(result.texts[0]); print(result.memory.summary())
+    """
+
+    def __init__(self, model, tokenizer):
+        family = getattr(model.config, "model_type", "?")
+        self.model, self.tokenizer = model, tokenizer
+        self.family = family
+        prepare_tokenizer(tokenizer)
+        self._separators: list[int] | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "TextAdapter":
+        return cls(*load_causal_lm(path, **kwargs))
+
+    @property
+    def separators(self) -> list[int]:
+        if self._separators is None:
+            self._separators = separator_ids(self.tokenizer)
+        return self._separators
+
+    def memory(self, evictor="full", budget=None, interval: int = 64, positions: str = "original", **options):
+        """A TokenMemory for this model with the tokenizer's separators."""
+        return TokenMemory(
+            self.model, evictor, budget, interval, positions, separator_ids=self.separators, **options
+        )
+
+    def encode(self, prompts: str | list[str]) -> dict[str, torch.Tensor]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or any(not isinstance(p, str) for p in prompts):
+            raise TokenmemError("prompts must be a non-empty string or list of strings")
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        if enc["input_ids"].shape[1] == 0:
+            raise TokenmemError("the prompt tokenized to zero tokens; give a non-empty prompt")
+        return {k: v.to(self.model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    @torch.no_grad()
+    def generate(self, prompts, *, evictor="full", budget=None, interval=64, positions="original",
+                 max_new_tokens: int = 64, memory: TokenMemory | None = None, **generate_kwargs) -> Generation:
+        """Greedy (unless told otherwise) generation under a fresh (or given) TokenMemory."""
+        enc = self.encode(prompts)
+        memory = memory or self.memory(evictor, budget, interval, positions)
+        generate_kwargs.setdefault("do_sample", False)
+        out = self.model.generate(
+            **enc, past_key_values=memory, max_new_tokens=max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs,
+        )
+        new = out[:, enc["input_ids"].shape[1]:]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return Generation(texts=texts, sequences=out, memory=memory)

@@ -1,0 +1,162 @@
+"""The Evictor protocol, the view of one layer it reads, and the registry of evictors by name.
+
+An evictor scores the tokens of one layer (``score -> [batch, kv_heads, tokens]``, higher keeps) and
+marks the ones that must stay (``protect``). Budget enforcement is the memory's job: it keeps the
+protected tokens plus the best-scored ones up to the budget. An evictor may keep per-token state
+(declared by :meth:`Evictor.state_spec`), which the memory stores and compacts together with the tokens.
+An evictor never touches another layer's tensors and never allocates ``tokens x tokens``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import BudgetError, TokenmemError, UnknownEvictorError
+from .meta import TokenMeta
+
+
+@dataclass
+class LayerView:
+    """What an evictor sees of one layer at eviction (or observation) time. All token tensors are
+    ``[batch, kv_heads, tokens, ...]`` and ordered by stream position."""
+
+    layer: int
+    keys: torch.Tensor  # [b, h, n, d]
+    values: torch.Tensor  # [b, h, n, dv]
+    meta: TokenMeta  # fields [b, h, n]
+    state: dict[str, torch.Tensor]  # evictor state, [b, h, n, ...]
+    mass: torch.Tensor | None  # attention mass each key received in the latest call, [b, h, n] float32
+    seen: int  # tokens seen by this layer so far
+    budget: int  # tokens per (batch, head) the memory is about to keep
+    new_tokens: int  # tokens appended by the latest call
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.shape[2]
+
+    def slot_index(self) -> torch.Tensor:
+        """``[1, 1, n]`` index of each cache slot (0 = oldest held)."""
+        return torch.arange(self.num_tokens, device=self.keys.device)[None, None, :]
+
+    def newest(self, count: int) -> torch.Tensor:
+        """Bool ``[1, 1, n]``: the ``count`` most recent slots (padding is only ever at the left)."""
+        return self.slot_index() >= self.num_tokens - count
+
+    def first_valid(self, count: int) -> torch.Tensor:
+        """Bool ``[b, h, n]``: the first ``count`` non-padding tokens of each row (attention sinks)."""
+        valid = self.meta.valid
+        rank = torch.cumsum(valid.to(torch.int32), dim=-1)
+        return valid & (rank <= count)
+
+
+class Evictor:
+    """Base class of evictors. Subclasses set ``name``/``description`` and implement :meth:`score`."""
+
+    name: str = "evictor"
+    description: str = ""
+    #: False for evictors that never remove anything (``full``): the memory skips eviction.
+    evicts: bool = True
+    #: True when :meth:`observe` needs the per-key attention mass from the statistics attention.
+    needs_stats: bool = False
+
+    def state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Per-token state the memory must store for this evictor: name -> (trailing shape, dtype)."""
+        return {}
+
+    def check_budget(self, budget: int) -> None:
+        """Raise :class:`BudgetError` when ``budget`` tokens cannot hold what this evictor protects."""
+
+    def observe(self, view: LayerView) -> None:
+        """Update per-token state after every attention call (e.g. accumulate attention mass)."""
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        """Scores broadcastable to ``[batch, kv_heads, tokens]``; higher keeps."""
+        raise NotImplementedError
+
+    def protect(self, view: LayerView) -> torch.Tensor | None:
+        """Bool mask broadcastable to ``[batch, kv_heads, tokens]`` of tokens that must be kept."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    factory: Callable[..., Evictor]
+    description: str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_BUILTINS_LOADED = False
+
+
+def register_evictor(name: str, description: str | None = None):
+    """Class decorator (or call with a factory) registering an evictor under ``name``."""
+
+    def wrap(factory):
+        desc = description if description is not None else getattr(factory, "description", "")
+        _REGISTRY[name] = _Entry(factory=factory, description=desc)
+        return factory
+
+    return wrap
+
+
+def _load_builtins() -> None:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        importlib.import_module("tokenmem.plugins")
+
+
+def list_evictors() -> dict[str, str]:
+    """Registered evictor names with their one-line descriptions."""
+    _load_builtins()
+    return {name: entry.description for name, entry in sorted(_REGISTRY.items())}
+
+
+def get_evictor(evictor: str | Evictor, **kwargs) -> Evictor:
+    """An Evictor object from a registered name (``kwargs`` go to its constructor) or an Evictor itself."""
+    if isinstance(evictor, Evictor):
+        if kwargs:
+            raise TokenmemError("evictor options can only be given with an evictor name, not with an Evictor object")
+        return evictor
+    if not isinstance(evictor, str):
+        raise TokenmemError(
+            f"evictor must be a registered name or an Evictor object, got {type(evictor).__name__}"
+        )
+    _load_builtins()
+    entry = _REGISTRY.get(evictor)
+    if entry is None:
+        raise UnknownEvictorError(
+            f"unknown evictor {evictor!r}; registered evictors: {', '.join(sorted(_REGISTRY))} "
+            "(`tokenmem evictors` lists them; register your own with tokenmem.register_evictor)"
+        )
+    try:
+        return entry.factory(**kwargs)
+    except TypeError as exc:
+        raise TokenmemError(f"bad options for evictor {evictor!r}: {exc}") from exc
+
+
+def check_positive_count(name: str, value: int | float, *, allow_fraction: bool = True) -> None:
+    """Validate an evictor option that is a token count (int >= 0) or a fraction of the budget."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BudgetError(f"{name} must be an int or a float, got {value!r}")
+    if isinstance(value, float):
+        if not allow_fraction or not 0.0 <= value <= 1.0:
+            raise BudgetError(f"{name}={value} must be a fraction of the budget in [0, 1] or a token count")
+    elif value < 0:
+        raise BudgetError(f"{name}={value} must be >= 0")
+
+
+def resolve_count(value: int | float, budget: int) -> int:
+    """A count option: ints as they are, floats as a fraction of the budget."""
+    return int(value * budget) if isinstance(value, float) else int(value)

@@ -1,0 +1,549 @@
+"""TokenMemory: a ``transformers`` Cache with a budget, an evictor and per-token metadata.
+
+Each layer stores keys, values, packed :class:`~tokenmem.meta.TokenMeta` and the evictor's per-token
+state in growable buffers ``[batch, kv_heads, capacity, ...]``; the first ``held`` slots are live and
+ordered by stream position. The ``"tokenmem"`` attention function (see :mod:`tokenmem.attention`)
+computes each layer's attention from these buffers, records the attention statistics, and then lets
+the memory evict: every ``interval`` new tokens, and at the end of every multi-token (prefill) call,
+when the layer holds more than its budget. Eviction keeps the protected tokens plus the best-scored
+ones, per batch row and KV head, and compacts everything in one gather.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import kernels
+from .attention import ModelContext, _set_pending, prepare_model
+from .errors import BudgetError, MemoryStateError, TokenmemError
+from .evictor import Evictor, LayerView, get_evictor
+from .meta import FIELDS, FLAGS, PAD, POSITION, PROTECT, ROPE, SEPARATOR, TOKEN, TokenMeta
+from .rope import rotate_by
+
+POSITION_MODES = ("original", "shift")
+
+
+def validate_budget(budget) -> int | float | None:
+    """A budget is None (keep all), an int >= 1 (tokens per layer and KV head) or a float in (0, 1]."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise BudgetError(
+            f"budget must be an int (tokens per layer and KV head) or a float in (0, 1] (fraction of tokens seen), "
+            f"got {budget!r}"
+        )
+    if isinstance(budget, float):
+        if not (0.0 < budget <= 1.0) or math.isnan(budget):
+            raise BudgetError(
+                f"a float budget is a fraction of the tokens seen and must lie in (0, 1], got {budget}; "
+                "pass an int for a token count (e.g. budget=256)"
+            )
+        return budget
+    if budget <= 0:
+        raise BudgetError(f"budget must be a positive number of tokens, got {budget}; e.g. budget=256 or budget=0.25")
+    return int(budget)
+
+
+def select_kept(scores: torch.Tensor, protect: torch.Tensor, valid: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices ``[b, h, keep]`` (ascending) of the tokens to keep: protected first, then highest score;
+    padding last. ``scores``/``protect``/``valid`` are ``[b, h, n]``."""
+    key = torch.where(valid, scores.to(torch.float32), float("-inf"))
+    key = torch.where(protect, float("inf"), key)
+    index = torch.topk(key, keep, dim=-1, sorted=False).indices
+    return torch.sort(index, dim=-1).values
+
+
+class MemoryLayer(CacheLayerMixin):
+    """One layer of a :class:`TokenMemory` (transformers v5 cache-layer API)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, memory: "TokenMemory", index: int):
+        self.memory = memory
+        self.index = index
+        self.is_initialized = False
+        self._k = self._v = self._meta = None
+        self.state: dict[str, torch.Tensor] = {}
+        self.held = 0  # live slots
+        self.seen = 0  # tokens appended ever
+        self.since_evict = 0
+        self.pending = 0  # appended tokens whose metadata the attention call has not written yet
+        self.mass: torch.Tensor | None = None  # [b, h, held] latest attention mass
+        self.evictions = 0
+
+    # -- tensors ----------------------------------------------------------------------------------
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.held]
+
+    @keys.setter
+    def keys(self, value):  # transformers' generic helpers assign; we only accept our own views
+        if value is not None:
+            raise MemoryStateError("TokenMemory layers cannot be assigned keys directly; use update()")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.held]
+
+    @values.setter
+    def values(self, value):
+        if value is not None:
+            raise MemoryStateError("TokenMemory layers cannot be assigned values directly; use update()")
+
+    @property
+    def packed_meta(self) -> torch.Tensor:
+        return self._meta[:, :, : self.held]
+
+    @property
+    def meta(self) -> TokenMeta:
+        return TokenMeta.from_packed(self.packed_meta)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._k is None else self._k.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self._k.shape[0] if self._k is not None else -1
+
+    def buffers(self) -> list[torch.Tensor]:
+        out = [t for t in (self._k, self._v, self._meta, self.mass) if t is not None]
+        return out + list(self.state.values())
+
+    # -- CacheLayerMixin --------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def _allocate(self, like_k, like_v, capacity: int) -> None:
+        b, h = like_k.shape[:2]
+        old = (self._k, self._v, self._meta, self.state)
+        self._k = like_k.new_empty(b, h, capacity, like_k.shape[-1])
+        self._v = like_v.new_empty(b, h, capacity, like_v.shape[-1])
+        self._meta = torch.empty(b, h, capacity, FIELDS, dtype=torch.long, device=like_k.device)
+        spec = self.memory.evictor.state_spec()
+        self.state = {
+            name: torch.zeros(b, h, capacity, *shape, dtype=dtype, device=like_k.device)
+            for name, (shape, dtype) in spec.items()
+        }
+        if old[0] is not None and self.held:
+            n = self.held
+            self._k[:, :, :n] = old[0][:, :, :n]
+            self._v[:, :, :n] = old[1][:, :, :n]
+            self._meta[:, :, :n] = old[2][:, :, :n]
+            for name, tensor in old[3].items():
+                self.state[name][:, :, :n] = tensor[:, :, :n]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.pending:
+            raise TokenmemError(
+                f"layer {self.index} received new keys before its previous attention call ran through the tokenmem "
+                "attention; the model's attention is not 'tokenmem' (was attn_implementation changed after the "
+                "TokenMemory was created?). Create the TokenMemory with the model so it can prepare it"
+            )
+        b, h, q = key_states.shape[0], key_states.shape[1], key_states.shape[2]
+        if self._k is not None and self.seen and (b != self._k.shape[0] or h != self._k.shape[1]):
+            raise MemoryStateError(
+                f"this TokenMemory holds {self._k.shape[0]} sequence(s) x {self._k.shape[1]} KV heads "
+                f"({self.seen} tokens seen) but received a batch of {b} x {h}: a memory belongs to one prompt batch. "
+                "Create a new TokenMemory (or call memory.reset()) for a new batch"
+            )
+        needed = self.held + q
+        if self._k is None or needed > self.capacity:
+            grow = max(needed, 2 * self.capacity, 64)
+            self._allocate(key_states, value_states, grow)
+        n = self.held
+        self._k[:, :, n:needed] = key_states
+        self._v[:, :, n:needed] = value_states
+        for tensor in self.state.values():
+            tensor[:, :, n:needed] = 0
+        self.held = needed
+        self.seen += q
+        self.since_evict += q
+        self.pending = q
+        keys = self._k[:, :, :needed]
+        _set_pending(self.memory, self.index, keys)
+        return keys, self._v[:, :, :needed]
+
+    def get_seq_length(self) -> int:
+        # Tokens *seen*, not held: models derive position ids and generate slices inputs from this.
+        return self.seen
+
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
+        return self.seen + q, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.memory, self.index)
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        if self._k is None:
+            return
+        index = index.to(self._k.device)
+        self._k, self._v, self._meta = self._k[index], self._v[index], self._meta[index]
+        self.state = {k: v[index] for k, v in self.state.items()}
+        if self.mass is not None:
+            self.mass = self.mass[index]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._k is not None:
+            self._select_batch(torch.arange(self._k.shape[0]).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise MemoryStateError("a TokenMemory cannot be cropped (evicted tokens cannot be restored); "
+                               "use a DynamicCache for assisted/speculative decoding")
+
+    def offload(self):
+        if self._k is not None:
+            self._move("cpu")
+
+    def prefetch(self):
+        if self._k is not None and self._k.device != self.device:
+            self._move(self.device)
+
+    def _move(self, device) -> None:
+        self._k, self._v, self._meta = self._k.to(device), self._v.to(device), self._meta.to(device)
+        self.state = {k: v.to(device) for k, v in self.state.items()}
+
+    # -- eviction ---------------------------------------------------------------------------------
+    def compact(self, index: torch.Tensor) -> None:
+        """Keep the slots ``index [b, h, k]`` (ascending) of keys, values, metadata, state and mass."""
+        n, k = self.held, index.shape[-1]
+        gather = kernels.gather_tokens
+        self._k[:, :, :k] = gather(self._k[:, :, :n], index)
+        self._v[:, :, :k] = gather(self._v[:, :, :n], index)
+        self._meta[:, :, :k] = gather(self._meta[:, :, :n], index)
+        for name, tensor in self.state.items():
+            tensor[:, :, :k] = gather(tensor[:, :, :n], index)
+        if self.mass is not None and self.mass.shape[-1] == n:
+            self.mass = gather(self.mass, index)
+        self.held = k
+        slack = max(self.memory.interval, 1)
+        if self.capacity > 2 * (k + slack) and self.capacity > 64:  # give back what a long prefill took
+            self._allocate(self._k, self._v, k + slack)
+
+
+class TokenMemory(Cache):
+    """A bounded, evicting KV cache for ``transformers`` models.
+
+    Args:
+        model: the model to prepare (its language attention is switched to ``"tokenmem"``); ``None`` for a
+            memory driven by hand (no model preparation, ``num_layers`` then grows lazily).
+        evictor: a registered evictor name (see ``tokenmem evictors``) or an :class:`~tokenmem.Evictor`.
+        budget: tokens kept per layer and KV head (int), or a fraction of the tokens seen (float in (0, 1]);
+            ``None`` keeps everything.
+        interval: new tokens between evictions during decoding; multi-token calls (prefill chunks)
+            always end with an eviction when over budget. Held tokens never exceed ``budget + interval``
+            after a decode step.
+        positions: ``"original"`` (new tokens continue counting from the tokens seen) or ``"shift"``
+            (positions inside the cache; kept keys are re-rotated for RoPE models, ignored without RoPE).
+        tokenizer / separator_ids: where separator tokens come from (needed by the ``separator`` evictor);
+            by default the tokenizer saved beside a local model is used when one exists.
+        record_stats: always compute the per-key attention mass (``layer.mass``), even when the evictor
+            does not need it.
+        evictor_options: passed to the evictor's constructor when ``evictor`` is a name.
+    """
+
+    def __init__(
+        self,
+        model=None,
+        evictor: str | Evictor = "full",
+        budget: int | float | None = None,
+        interval: int = 64,
+        positions: str = "original",
+        *,
+        tokenizer=None,
+        separator_ids=None,
+        record_stats: bool = False,
+        **evictor_options,
+    ):
+        self.evictor = get_evictor(evictor, **evictor_options)
+        self.budget = validate_budget(budget)
+        if self.evictor.evicts and self.budget is None:
+            raise BudgetError(
+                f"evictor {self.evictor.name!r} needs a budget: pass budget=<tokens> (e.g. 256) or a fraction "
+                "(e.g. 0.25); use evictor='full' to keep everything"
+            )
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise TokenmemError(f"interval must be a positive int (new tokens between evictions), got {interval!r}")
+        if positions not in POSITION_MODES:
+            raise TokenmemError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        if isinstance(self.budget, int) and self.evictor.evicts:
+            self.evictor.check_budget(self.budget)
+        self.interval = interval
+        self.positions = positions
+        self.record_stats = record_stats
+        self.context: ModelContext | None = None
+        if model is not None:
+            if separator_ids is None and self._wants_separators(tokenizer):
+                tokenizer = tokenizer or _local_tokenizer(model)
+            if tokenizer is not None and separator_ids is None:
+                from tokenmem.adapters.text import separator_ids as find_separators
+
+                separator_ids = find_separators(tokenizer)
+            self.context = prepare_model(model, separator_ids=separator_ids)
+            num_layers = self.context.num_layers
+        else:
+            num_layers = 0
+            self.context = ModelContext(num_layers=0, previous_attn=None)
+            if separator_ids is not None:
+                self.context.separator_ids = torch.as_tensor(sorted(set(separator_ids)), dtype=torch.long)
+        if self.evictor.name == "separator" and self.context.separator_ids is None:
+            raise TokenmemError(
+                "the separator evictor needs to know the separator tokens: pass tokenizer=<the model's tokenizer> "
+                "or separator_ids=[...] to TokenMemory"
+            )
+        self._annotation: TokenMeta | None = None
+        self._chunk: tuple | None = None
+        self.has_padding = False
+        super().__init__(layers=[MemoryLayer(self, i) for i in range(num_layers)])
+
+    def _wants_separators(self, tokenizer) -> bool:
+        return self.evictor.name == "separator" or tokenizer is not None
+
+    # -- Cache API --------------------------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(MemoryLayer(self, len(self.layers)))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def reset(self):
+        for layer in self.layers:
+            layer.reset()
+        self._annotation = None
+        self._chunk = None
+        self.has_padding = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise MemoryStateError("a TokenMemory cannot be cropped (evicted tokens cannot be restored); "
+                               "use a DynamicCache for assisted/speculative decoding")
+
+    # -- public helpers ---------------------------------------------------------------------------
+    @property
+    def seen(self) -> int:
+        return self.layers[0].seen if self.layers else 0
+
+    def budget_tokens(self, seen: int | None = None) -> int | None:
+        """The number of tokens per layer and KV head the budget allows after ``seen`` tokens."""
+        if self.budget is None:
+            return None
+        if isinstance(self.budget, float):
+            return max(1, math.ceil(self.budget * (self.seen if seen is None else seen)))
+        return self.budget
+
+    def annotate(self, meta: TokenMeta) -> None:
+        """Metadata (modality, segment, flags) for the tokens of the next forward call, ``[batch, tokens]``
+        fields; adapters call this. Positions and padding are always filled in by the memory."""
+        self._annotation = meta
+
+    def stats(self) -> dict:
+        """Tokens seen, held per layer, bytes allocated (all buffers), bytes of held keys/values, evictions."""
+        held = [layer.held for layer in self.layers]
+        kv_bytes = 0
+        total = 0
+        for layer in self.layers:
+            if layer._k is not None:
+                kv_bytes += layer.keys.numel() * layer._k.element_size() + layer.values.numel() * layer._v.element_size()
+                total += sum(t.numel() * t.element_size() for t in layer.buffers())
+        seen = self.seen
+        return {
+            "seen": seen,
+            "held": held,
+            "held_fraction": (sum(held) / (len(held) * seen)) if seen and held else 1.0,
+            "budget": self.budget_tokens(),
+            "bytes": total,
+            "kv_bytes": kv_bytes,
+            "evictions": sum(layer.evictions for layer in self.layers),
+            "evictor": self.evictor.name,
+            "positions": self.positions,
+        }
+
+    def summary(self) -> str:
+        """A one-line, human-readable memory summary."""
+        s = self.stats()
+        held = s["held"]
+        held_txt = f"{min(held)}" if held and min(held) == max(held) else f"{min(held or [0])}-{max(held or [0])}"
+        budget = "all" if s["budget"] is None else s["budget"]
+        return (
+            f"memory: evictor={s['evictor']} budget={budget} seen={s['seen']} held/layer={held_txt} "
+            f"({100 * s['held_fraction']:.1f}% of seen) kv={s['kv_bytes'] / 2**20:.2f} MiB "
+            f"allocated={s['bytes'] / 2**20:.2f} MiB evictions={s['evictions']}"
+        )
+
+    def __repr__(self) -> str:
+        return f"TokenMemory(evictor={self.evictor!r}, budget={self.budget}, interval={self.interval}, positions={self.positions!r})"
+
+    # -- the attention path (called by tokenmem.attention) -----------------------------------------
+    def _chunk_meta(self, layer: MemoryLayer, q: int, mask2d, position_ids, device) -> torch.Tensor:
+        """Packed metadata ``[b, 1, q, FIELDS]`` of the tokens just appended (computed once per forward)."""
+        start = layer.seen - q
+        b = layer._k.shape[0]
+        if self._chunk is not None and self._chunk[0] == (start, q, b):
+            return self._chunk[1]
+        meta = torch.zeros(b, q, FIELDS, dtype=torch.long, device=device)
+        meta[..., POSITION] = torch.arange(start, start + q, device=device)
+        if self._annotation is not None:
+            ann = self._annotation
+            if tuple(ann.position.shape[-2:]) != (b, q) and tuple(ann.position.shape) != (b, q):
+                raise TokenmemError(
+                    f"memory.annotate() got metadata for {tuple(ann.position.shape)} tokens but the forward call "
+                    f"appends {b} x {q}; annotate exactly the tokens of the next call"
+                )
+            packed = ann.pack().to(device)
+            for col in (2, 3, FLAGS):  # modality, segment, flags
+                meta[..., col] = packed[..., col]
+            tok = packed[..., TOKEN]
+            meta[..., TOKEN] = tok
+            self._annotation = None
+        else:
+            meta[..., TOKEN] = -1
+        ids = self.context.last_input_ids if self.context is not None else None
+        if ids is not None and tuple(ids.shape) == (b, q):
+            ids = ids.to(device)
+            meta[..., TOKEN] = ids
+            if self.context.separator_ids is not None:
+                is_sep = torch.isin(ids, self.context.separator_ids.to(device))
+                meta[..., FLAGS] |= is_sep.long() * SEPARATOR
+        if self.context is not None:
+            self.context.last_input_ids = None
+        if mask2d is not None:
+            pad = ~mask2d[:, -q:].to(device=device, dtype=torch.bool)
+            if bool(pad.any()):
+                self.has_padding = True
+                meta[..., FLAGS] |= pad.long() * PAD
+        if position_ids is not None and position_ids.shape[-1] == q:
+            meta[..., ROPE] = position_ids.to(device).reshape(-1, q).expand(b, q)
+        else:
+            meta[..., ROPE] = meta[..., POSITION]
+        chunk = meta[:, None]  # [b, 1, q, F]
+        self._chunk = ((start, q, b), chunk)
+        return chunk
+
+    def _attend(self, layer_idx, query, mask2d, position_ids, *, scaling, causal, dropout):
+        layer = self.layers[layer_idx]
+        q = query.shape[2]
+        if layer.pending != q:
+            raise TokenmemError(
+                f"layer {layer_idx}: the attention call has {q} queries but the memory just received {layer.pending} "
+                "keys; the model must call past_key_values.update() right before attention"
+            )
+        n = layer.held
+        chunk = self._chunk_meta(layer, q, mask2d, position_ids, query.device)
+        layer._meta[:, :, n - q : n] = chunk
+        layer.pending = 0
+        if self.positions == "shift" and self.context.inv_freq is not None:
+            query = self._shift_new_tokens(layer, query, q)
+        key_valid = query_valid = None
+        if self.has_padding:
+            key_valid = (layer._meta[:, :, :n, FLAGS] & PAD) == 0  # [b, h, n]
+            query_valid = (chunk[:, 0, :, FLAGS] & PAD) == 0  # [b, q]
+        need_mass = self.record_stats or self.evictor.needs_stats
+        out, mass = kernels.attention_with_stats(
+            query, layer.keys, layer.values, scaling=scaling, causal=causal,
+            key_valid=key_valid, query_valid=query_valid, need_mass=need_mass, dropout=dropout,
+        )
+        layer.mass = mass
+        if mass is not None and self.evictor.needs_stats:
+            self.evictor.observe(self._view(layer, self.budget_tokens(layer.seen) or n, q))
+        self._maybe_evict(layer, q)
+        return out
+
+    def _shift_new_tokens(self, layer: MemoryLayer, query: torch.Tensor, q: int) -> torch.Tensor:
+        """``shift`` mode: new tokens take the cache slots' positions; rotate their keys and queries."""
+        n = layer.held
+        rope = layer._meta[:, :, n - q : n, ROPE]  # [b, h, q] positions the model rotated them at
+        target = torch.arange(n - q, n, device=rope.device)
+        delta = target - rope  # [b, h, q]
+        if bool((delta != 0).any()):
+            inv_freq = self.context.inv_freq
+            layer._k[:, :, n - q : n] = rotate_by(layer._k[:, :, n - q : n], delta, inv_freq)
+            # queries share the positions of their tokens: take the delta of the first KV head
+            query = rotate_by(query, delta[:, :1], inv_freq)
+            layer._meta[:, :, n - q : n, ROPE] = target
+        return query
+
+    def _view(self, layer: MemoryLayer, budget: int, new_tokens: int) -> LayerView:
+        return LayerView(
+            layer=layer.index,
+            keys=layer.keys,
+            values=layer.values,
+            meta=layer.meta,
+            state={k: v[:, :, : layer.held] for k, v in layer.state.items()},
+            mass=layer.mass,
+            seen=layer.seen,
+            budget=budget,
+            new_tokens=new_tokens,
+        )
+
+    def _maybe_evict(self, layer: MemoryLayer, q: int) -> None:
+        if not self.evictor.evicts:
+            return
+        keep = self.budget_tokens(layer.seen)
+        if layer.held <= keep or not (layer.since_evict >= self.interval or q > 1):
+            return
+        self.evict_layer(layer, keep)
+
+    def evict_layer(self, layer: MemoryLayer, keep: int) -> None:
+        """Evict one layer down to ``keep`` tokens per (batch row, KV head)."""
+        view = self._view(layer, keep, 0)
+        b, h, n = view.meta.position.shape
+        scores = torch.as_tensor(self.evictor.score(view)).expand(b, h, n)
+        if bool(torch.isnan(scores).any()):
+            raise TokenmemError(f"evictor {self.evictor.name!r} returned NaN scores on layer {layer.index}")
+        valid = view.meta.valid
+        protect = self.evictor.protect(view)
+        protect = view.meta.is_protected if protect is None else (protect | view.meta.is_protected)
+        protect = protect.expand(b, h, n) & valid
+        most = int(protect.sum(-1).max())
+        if most > keep:
+            raise BudgetError(
+                f"budget of {keep} tokens is smaller than the {most} tokens evictor {self.evictor.name!r} protects "
+                f"on layer {layer.index} (after {layer.seen} tokens seen); raise the budget or protect fewer tokens"
+            )
+        index = select_kept(scores, protect, valid, keep)
+        layer.compact(index)
+        if self.positions == "shift" and self.context.inv_freq is not None:
+            self._reposition(layer)
+        layer.since_evict = 0
+        layer.evictions += 1
+
+    def _reposition(self, layer: MemoryLayer) -> None:
+        """``shift`` mode: re-rotate the kept keys to their slot positions ``0..held-1``."""
+        n = layer.held
+        rope = layer._meta[:, :, :n, ROPE]
+        target = torch.arange(n, device=rope.device)
+        delta = target - rope
+        if bool((delta != 0).any()):
+            layer._k[:, :, :n] = rotate_by(layer._k[:, :, :n], delta, self.context.inv_freq)
+            layer._meta[:, :, :n, ROPE] = target
+
+
+def _local_tokenizer(model):
+    """The tokenizer saved beside a locally loaded model, or None."""
+    import os
+
+    path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    if not path or not os.path.isdir(path):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,152 @@
+"""Per-token metadata (TokenMeta): what a stored token is, filled by adapters, read by evictors.
+
+The memory keeps metadata packed in one int64 tensor ``[batch, kv_heads, tokens, FIELDS]`` per layer so
+that appending and compacting touch one tensor; :class:`TokenMeta` is a named view of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import TokenmemError
+
+# Column order of the packed metadata tensor.
+POSITION, ROPE, MODALITY, SEGMENT, FLAGS, TOKEN = range(6)
+FIELDS = 6
+
+# Modalities are small integers so that they pack; names are the public face.
+MODALITIES: dict[str, int] = {
+    "text": 0,
+    "frame": 1,
+    "image": 2,
+    "return": 3,
+    "state": 4,
+    "action": 5,
+    "audio": 6,
+}
+MODALITY_NAMES = {v: k for k, v in MODALITIES.items()}
+
+# Flag bits.
+SEPARATOR = 1  # punctuation / whitespace token (SepLLM)
+SINK = 2  # adapter-declared attention sink
+PAD = 4  # padding: never attended, evicted first
+PROTECT = 8  # always kept by the memory whatever the evictor says (e.g. the question of a video QA)
+
+FLAG_NAMES = {"separator": SEPARATOR, "sink": SINK, "pad": PAD, "protect": PROTECT}
+
+
+def modality_code(name: str) -> int:
+    """The integer code of a modality name, with a clear error for unknown names."""
+    try:
+        return MODALITIES[name]
+    except KeyError:
+        raise TokenmemError(
+            f"unknown modality {name!r}; known modalities: {', '.join(MODALITIES)}. "
+            "Register a new one with tokenmem.meta.register_modality(name)."
+        ) from None
+
+
+def register_modality(name: str) -> int:
+    """Add a modality name (idempotent) and return its code."""
+    if name not in MODALITIES:
+        code = max(MODALITIES.values()) + 1
+        MODALITIES[name] = code
+        MODALITY_NAMES[code] = name
+    return MODALITIES[name]
+
+
+@dataclass
+class TokenMeta:
+    """Metadata of a set of tokens; every field has the same shape (``[batch, tokens]`` from adapters,
+    ``[batch, kv_heads, tokens]`` inside the memory).
+
+    - ``position``: index of the token in the stream fed to the model (0 = first token ever seen),
+    - ``modality``: integer code (see :data:`MODALITIES`),
+    - ``segment``: frame index, timestep, ... (0 when the modality has none),
+    - ``flags``: bit set of :data:`SEPARATOR`, :data:`SINK`, :data:`PAD`, :data:`PROTECT`,
+    - ``token``: input id when known, else -1,
+    - ``rope``: the position the stored key is currently rotated at (memory-internal; equals the model's
+      position id in ``original`` mode).
+    """
+
+    position: torch.Tensor
+    modality: torch.Tensor
+    segment: torch.Tensor
+    flags: torch.Tensor
+    token: torch.Tensor
+    rope: torch.Tensor
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor) -> "TokenMeta":
+        """Named views of a packed ``[..., FIELDS]`` int64 tensor (no copy)."""
+        return cls(
+            position=packed[..., POSITION],
+            modality=packed[..., MODALITY],
+            segment=packed[..., SEGMENT],
+            flags=packed[..., FLAGS],
+            token=packed[..., TOKEN],
+            rope=packed[..., ROPE],
+        )
+
+    @classmethod
+    def build(
+        cls,
+        batch: int,
+        tokens: int,
+        *,
+        start: int = 0,
+        modality: str | torch.Tensor = "text",
+        segment: int | torch.Tensor = 0,
+        flags: int | torch.Tensor = 0,
+        token: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+    ) -> "TokenMeta":
+        """Metadata for ``tokens`` new tokens of each of ``batch`` sequences, positions from ``start``."""
+        shape = (batch, tokens)
+        pos = torch.arange(start, start + tokens, device=device).expand(shape)
+
+        def full(value):
+            if isinstance(value, torch.Tensor):
+                return value.to(device=device, dtype=torch.long).expand(shape)
+            return torch.full(shape, int(value), dtype=torch.long, device=device)
+
+        mod = modality_code(modality) if isinstance(modality, str) else modality
+        return cls(
+            position=pos,
+            modality=full(mod),
+            segment=full(segment),
+            flags=full(flags),
+            token=full(-1 if token is None else token),
+            rope=pos,
+        )
+
+    def pack(self) -> torch.Tensor:
+        """One int64 tensor ``[..., FIELDS]`` in column order."""
+        cols = [None] * FIELDS
+        cols[POSITION], cols[ROPE], cols[MODALITY] = self.position, self.rope, self.modality
+        cols[SEGMENT], cols[FLAGS], cols[TOKEN] = self.segment, self.flags, self.token
+        shape = torch.broadcast_shapes(*(c.shape for c in cols))
+        return torch.stack([c.to(torch.long).expand(shape) for c in cols], dim=-1)
+
+    # -- convenient predicates ------------------------------------------------------------------
+    @property
+    def valid(self) -> torch.Tensor:
+        """True for real tokens, False for padding."""
+        return (self.flags & PAD) == 0
+
+    @property
+    def is_separator(self) -> torch.Tensor:
+        return (self.flags & SEPARATOR) != 0
+
+    @property
+    def is_sink(self) -> torch.Tensor:
+        return (self.flags & SINK) != 0
+
+    @property
+    def is_protected(self) -> torch.Tensor:
+        return (self.flags & PROTECT) != 0
+
+    def modality_is(self, name: str) -> torch.Tensor:
+        return self.modality == modality_code(name)
