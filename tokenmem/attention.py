@@ -143,6 +143,15 @@ class ModelContext:
     separator_ids: torch.Tensor | None = None  # int64 ids
     last_input_ids: torch.Tensor | None = None  # set by the embedding hook each forward
     hooks: list = field(default_factory=list)
+    config: object = None  # the (text) config whose _attn_implementation must stay "tokenmem"
+
+    def check_attention(self) -> None:
+        if self.config is not None and self.config._attn_implementation != NAME:
+            raise TokenmemError(
+                f"the model's attention is {self.config._attn_implementation!r}, not 'tokenmem' (was "
+                "attn_implementation changed after the TokenMemory was created?); create a new TokenMemory with the "
+                "model (it prepares the model) or call tokenmem.prepare_model(model)"
+            )
 
     @property
     def inv_freq(self) -> torch.Tensor | None:
@@ -185,7 +194,8 @@ def prepare_model(model, *, separator_ids=None) -> ModelContext:
                 f"(it still uses {model.config._attn_implementation!r})"
             )
         config = model.config.get_text_config()
-        ctx = ModelContext(num_layers=config.num_hidden_layers, previous_attn=previous, rotary=_find_rotary(model))
+        ctx = ModelContext(num_layers=config.num_hidden_layers, previous_attn=previous, rotary=_find_rotary(model),
+                           config=config)
         embeddings = model.get_input_embeddings()
 
         def remember_ids(_module, args, _ctx=ctx):
@@ -194,6 +204,8 @@ def prepare_model(model, *, separator_ids=None) -> ModelContext:
 
         ctx.hooks.append(embeddings.register_forward_pre_hook(remember_ids))
         model._tokenmem_context = ctx
+    elif model.config._attn_implementation != NAME:  # prepared before, switched away since
+        model.set_attn_implementation(NAME)
     if separator_ids is not None:
         ctx.separator_ids = torch.as_tensor(sorted(set(int(i) for i in separator_ids)), dtype=torch.long)
     return ctx

@@ -104,6 +104,11 @@ class MemoryLayer(CacheLayerMixin):
         return TokenMeta.from_packed(self.packed_meta)
 
     @property
+    def token_state(self) -> dict[str, torch.Tensor]:
+        """The evictor's per-token state of the held tokens, ``name -> [b, h, held, ...]`` (views)."""
+        return {name: tensor[:, :, : self.held] for name, tensor in self.state.items()}
+
+    @property
     def capacity(self) -> int:
         return 0 if self._k is None else self._k.shape[2]
 
@@ -142,6 +147,8 @@ class MemoryLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.memory.context is not None:
+            self.memory.context.check_attention()
         if self.pending:
             raise TokenmemError(
                 f"layer {self.index} received new keys before its previous attention call ran through the tokenmem "
@@ -484,7 +491,7 @@ class TokenMemory(Cache):
             keys=layer.keys,
             values=layer.values,
             meta=layer.meta,
-            state={k: v[:, :, : layer.held] for k, v in layer.state.items()},
+            state=layer.token_state,
             mass=layer.mass,
             seen=layer.seen,
             budget=budget,

@@ -1,0 +1,437 @@
+"""Side-by-side decode benchmark: DynamicCache vs TokenMemory (full / sink / h2o), per-token time and KV bytes.
+
+What is measured
+----------------
+A tiny-but-real Llama (8 layers, hidden 512, 8 query heads, 2 KV heads, MLP 1408, vocab 8192) is built
+from a ``LlamaConfig`` with random weights (``torch.manual_seed(0)``, fp32, eval mode, nothing is
+downloaded). Two model objects hold identical weights: one stays on transformers' ``sdpa`` attention
+and is only ever used with a ``DynamicCache``; the other is handed to ``tokenmem.TokenMemory`` (which
+switches *that* model's attention to ``"tokenmem"``).
+
+For every context length the same random prompt is fed to four cache setups:
+
+1. ``DynamicCache`` + sdpa (the transformers baseline),
+2. ``TokenMemory(evictor="full")`` (no eviction: the cost of the tokenmem attention path alone),
+3. ``TokenMemory(evictor="sink", budget=1024, interval=64)``,
+4. ``TokenMemory(evictor="h2o", budget=1024, interval=64)``.
+
+Each setup first prefills the context in chunks (``--chunk`` tokens per forward call with
+``past_key_values=cache``; a TokenMemory evicts at the end of every chunk when over budget). Prefill is
+*not* part of the measured number. Then a hand-written greedy loop
+``out = model(input_ids=next_token, past_key_values=cache, use_cache=True)`` (+ argmax) runs under
+``torch.inference_mode()``: ``--warmup`` untimed steps, then ``--steps`` steps, each timed with
+``time.perf_counter``. The steps of the four setups are interleaved round-robin (rotating the order
+every step), so that all four see the same machine conditions; ``--sequential`` times each setup's
+steps back to back instead. The table reports the *median* per-token time (and the mean, which
+includes the periodic eviction every ``interval`` steps: with the defaults the timed window contains
+exactly one decode-time eviction per layer for the budgeted memories).
+
+KV bytes are read after the last step: for the DynamicCache the sum of ``keys.nbytes + values.nbytes``
+over layers; for a TokenMemory ``memory.stats()["kv_bytes"]`` (held keys and values), and
+``stats()["bytes"]`` (every allocated buffer: key/value capacity, packed metadata, evictor state,
+attention mass) in the "alloc MiB" column.
+
+Usage::
+
+    python benchmarks/decode.py                      # contexts 1024,4096,16384
+    python benchmarks/decode.py --quick              # 512,1024, fewer steps (smoke test)
+    python benchmarks/decode.py --out decode.md      # also write the markdown report to a file
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import transformers
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import tokenmem
+
+BASELINE = "DynamicCache (sdpa)"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+def build_config(max_positions: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+    )
+
+
+def build_models(max_positions: int) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
+    """Two fp32 eval-mode Llamas with identical random weights: (sdpa model, model for tokenmem)."""
+    torch.manual_seed(0)
+    config = build_config(max_positions)
+    sdpa_model = LlamaForCausalLM(copy.deepcopy(config))
+    sdpa_model.set_attn_implementation("sdpa")
+    sdpa_model = sdpa_model.to(torch.float32).eval()
+
+    tm_model = LlamaForCausalLM(copy.deepcopy(config))
+    tm_model.load_state_dict(sdpa_model.state_dict())
+    tm_model = tm_model.to(torch.float32).eval()
+    for a, b in zip(sdpa_model.state_dict().values(), tm_model.state_dict().values()):
+        assert torch.equal(a, b)
+    return sdpa_model, tm_model
+
+
+# ---------------------------------------------------------------------------------------------
+# One cache setup
+# ---------------------------------------------------------------------------------------------
+class Setup:
+    def __init__(self, name: str, model, make_cache):
+        self.name = name
+        self.model = model
+        self.make_cache = make_cache
+        self.cache = None
+        self.next_token = None
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self.prefill_s = 0.0
+
+    def prefill(self, ids: torch.Tensor, chunk: int) -> None:
+        self.cache = self.make_cache()
+        self.times, self.tokens = [], []
+        start = time.perf_counter()
+        out = None
+        for s in range(0, ids.shape[1], chunk):
+            out = self.model(
+                input_ids=ids[:, s : s + chunk], past_key_values=self.cache, use_cache=True, logits_to_keep=1
+            )
+        self.next_token = out.logits[:, -1].argmax(-1, keepdim=True)
+        self.prefill_s = time.perf_counter() - start
+        del out
+
+    def step(self, record: bool) -> None:
+        t0 = time.perf_counter()
+        out = self.model(input_ids=self.next_token, past_key_values=self.cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        dt = time.perf_counter() - t0
+        self.next_token = nxt
+        if record:
+            self.times.append(dt)
+            self.tokens.append(int(nxt))
+
+    def is_tokenmem(self) -> bool:
+        return isinstance(self.cache, tokenmem.TokenMemory)
+
+    def kv(self) -> tuple[int, int, str]:
+        """(KV bytes, allocated bytes, held tokens per layer)."""
+        if self.is_tokenmem():
+            s = self.cache.stats()
+            held = s["held"]
+            txt = str(held[0]) if min(held) == max(held) else f"{min(held)}-{max(held)}"
+            return s["kv_bytes"], s["bytes"], txt
+        kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers)
+        held = sorted({layer.keys.shape[-2] for layer in self.cache.layers})
+        txt = str(held[0]) if len(held) == 1 else f"{held[0]}-{held[-1]}"
+        return kv, kv, txt
+
+    def release(self) -> None:
+        self.cache = None
+        self.next_token = None
+
+
+def make_setups(sdpa_model, tm_model, budget: int, interval: int) -> list[Setup]:
+    setups = [
+        Setup(BASELINE, sdpa_model, lambda: DynamicCache()),
+        Setup("TokenMemory full", tm_model, lambda: tokenmem.TokenMemory(tm_model, evictor="full")),
+        Setup(
+            f"TokenMemory sink b={budget}",
+            tm_model,
+            lambda: tokenmem.TokenMemory(tm_model, evictor="sink", budget=budget, interval=interval),
+        ),
+        Setup(
+            f"TokenMemory h2o b={budget}",
+            tm_model,
+            lambda: tokenmem.TokenMemory(tm_model, evictor="h2o", budget=budget, interval=interval),
+        ),
+    ]
+    # Creating a TokenMemory prepares (switches) its model; make sure the baseline model is untouched.
+    for s in setups[1:]:
+        s.make_cache()
+    assert sdpa_model.config._attn_implementation == "sdpa", sdpa_model.config._attn_implementation
+    assert tm_model.config._attn_implementation == "tokenmem", tm_model.config._attn_implementation
+    assert not hasattr(sdpa_model, "_tokenmem_context")
+    return setups
+
+
+def cpu_snapshot() -> tuple[float, float, float]:
+    """(wall seconds, busy CPU seconds of the whole machine, CPU seconds of this process)."""
+    busy = float("nan")
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal ...
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system
+
+
+def foreign_load(start, end) -> float:
+    """Average number of CPU cores busy with *other* processes between two snapshots (NaN if unknown)."""
+    wall = end[0] - start[0]
+    if wall <= 0:
+        return float("nan")
+    return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / wall)
+
+
+def run_context(setups: list[Setup], context: int, args, vocab: int) -> float:
+    """Prefill and time all setups at one context; returns the foreign CPU load during the timed decode."""
+    gen = torch.Generator().manual_seed(1000 + context)
+    ids = torch.randint(0, vocab, (1, context), generator=gen)
+    for s in setups:
+        s.prefill(ids, args.chunk)
+        log(f"  [{context}] prefilled {s.name}: {s.prefill_s:.1f}s")
+    before = cpu_snapshot()
+    if args.sequential:
+        for s in setups:
+            for _ in range(args.warmup):
+                s.step(record=False)
+            for _ in range(args.steps):
+                s.step(record=True)
+    else:
+        n = len(setups)
+        for i in range(args.warmup + args.steps):
+            order = setups[i % n :] + setups[: i % n]
+            for s in order:
+                s.step(record=i >= args.warmup)
+    load = foreign_load(before, cpu_snapshot())
+    for s in setups:
+        log(f"  [{context}] {s.name}: median {1e3 * statistics.median(s.times):.2f} ms/token")
+    log(f"  [{context}] other processes kept {load:.2f} CPU cores busy during the timed decode")
+    return load
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+def mib(n: int) -> float:
+    return n / 2**20
+
+
+def header(args, contexts) -> list[str]:
+    cfg = build_config(0)
+    return [
+        "# tokenmem decode benchmark",
+        "",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- torch {torch.__version__}, transformers {transformers.__version__}, tokenmem {tokenmem.__version__}, "
+        f"python {platform.python_version()}",
+        f"- CPU: {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
+        f"torch.get_num_threads()={torch.get_num_threads()} (default, not changed)",
+        f"- model: LlamaForCausalLM from config, random weights (seed 0), fp32, eval; {cfg.num_hidden_layers} layers, "
+        f"hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads, "
+        f"MLP {cfg.intermediate_size}, vocab {cfg.vocab_size}",
+        f"- contexts {', '.join(map(str, contexts))}; prefill in chunks of {args.chunk} (not timed); "
+        f"{args.warmup} warm-up + {args.steps} timed greedy decode steps per setup, "
+        f"{'sequential' if args.sequential else 'interleaved round-robin'}; ms/token = median of the timed steps",
+        f"- budgeted memories: budget={args.budget} tokens per layer and KV head, interval={args.interval}",
+        "",
+    ]
+
+
+def table(results: list[dict]) -> list[str]:
+    cols = [
+        "context",
+        "cache",
+        "ms/token",
+        "ratio vs DynamicCache (time)",
+        "KV MiB",
+        "ratio vs DynamicCache (KV)",
+        "held tokens/layer",
+        "alloc MiB (stats()['bytes'])",
+        "mean ms/token",
+        "min ms/token",
+    ]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if i != 1 else ":---" for i in range(len(cols))) + "|"]
+    for r in results:
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(r["context"]),
+                    r["cache"],
+                    f"{r['ms']:.2f}",
+                    f"{r['time_ratio']:.2f}x",
+                    f"{mib(r['kv']):.2f}",
+                    f"{r['kv_ratio']:.3f}x",
+                    r["held"],
+                    f"{mib(r['alloc']):.2f}",
+                    f"{r['mean_ms']:.2f}",
+                    f"{r['min_ms']:.2f}",
+                ]
+            )
+            + " |"
+        )
+    return lines
+
+
+def targets(results: list[dict], contexts: list[int], args, agreement: dict, loads: dict) -> list[str]:
+    by = {(r["context"], r["cache"]): r for r in results}
+    full = "TokenMemory full"
+    budgeted = [f"TokenMemory sink b={args.budget}", f"TokenMemory h2o b={args.budget}"]
+    out = ["", "## Targets", ""]
+
+    # 1. no-eviction overhead <= 10%
+    parts, ok_all = [], True
+    for c in contexts:
+        over = by[(c, full)]["ms"] / by[(c, BASELINE)]["ms"] - 1.0
+        ok = over <= 0.10
+        ok_all &= ok
+        parts.append(f"{c}: {100 * over:+.1f}% ({'ok' if ok else 'MISSED'})")
+    out.append(
+        f"- no-eviction overhead <= 10% (TokenMemory(full) vs DynamicCache ms/token): {'; '.join(parts)} "
+        f"=> **{'MET' if ok_all else 'MISSED'}**"
+    )
+
+    # 2. at 16k: budget decode >= 3x faster, KV bytes flat as context grows
+    target_ctx = 16384
+    if target_ctx in contexts:
+        parts, ok_speed = [], True
+        for name in budgeted:
+            speedup = by[(target_ctx, BASELINE)]["ms"] / by[(target_ctx, name)]["ms"]
+            ok = speedup >= 3.0
+            ok_speed &= ok
+            parts.append(f"{name.split()[1]} {speedup:.2f}x ({'ok' if ok else 'MISSED'})")
+        speed_txt = f"{'; '.join(parts)} => **{'MET' if ok_speed else 'MISSED'}**"
+    else:
+        ok_speed = None
+        big = max(contexts)
+        parts = [f"{n.split()[1]} {by[(big, BASELINE)]['ms'] / by[(big, n)]['ms']:.2f}x" for n in budgeted]
+        speed_txt = f"not evaluated (16384 not among the contexts; at {big}: {'; '.join(parts)})"
+    # flat: once the context exceeds the budget, the held KV stops growing: it never exceeds the KV of
+    # (budget + interval) tokens, i.e. max/min over those contexts <= (budget + interval) / budget.
+    over = [c for c in contexts if c >= args.budget]
+    parts, ok_flat = [], True
+    for name in budgeted:
+        kvs = [by[(c, name)]["kv"] for c in over]
+        ok = len(kvs) >= 2 and max(kvs) / min(kvs) <= (args.budget + args.interval) / args.budget
+        ok_flat &= ok
+        parts.append(f"{name.split()[1]} " + "/".join(f"{mib(k):.2f}" for k in kvs) + f" MiB ({'ok' if ok else 'MISSED'})")
+    if len(over) >= 2:
+        flat_txt = (
+            f"{'; '.join(parts)} at contexts {'/'.join(map(str, over))} "
+            f"(flat = max/min <= (budget+interval)/budget) => **{'MET' if ok_flat else 'MISSED'}**"
+        )
+    else:
+        ok_flat = None
+        flat_txt = f"not evaluated (fewer than two contexts >= budget {args.budget})"
+    overall = "n/a" if ok_speed is None or ok_flat is None else ("MET" if ok_speed and ok_flat else "MISSED")
+    out.append(
+        f"- at 16k, budget-{args.budget} decode >= 3x faster per token than DynamicCache, KV bytes flat as context "
+        f"grows => **{overall}**"
+    )
+    out.append(f"  - speed at 16k (DynamicCache ms / budgeted ms): {speed_txt}")
+    out.append(f"  - KV bytes: {flat_txt}")
+
+    out += ["", "## Sanity", ""]
+    for c in contexts:
+        same, total = agreement[c]
+        out.append(f"- greedy tokens TokenMemory(full) vs DynamicCache at {c}: {same}/{total} identical")
+    for c in contexts:
+        out.append(
+            f"- other processes kept {loads[c]:.2f} of {os.cpu_count()} CPU cores busy during the timed decode at {c} "
+            "(anything well above 0 makes the absolute times noisy; the round-robin keeps the ratios comparable)"
+        )
+    return out
+
+
+def parse_contexts(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--contexts expects comma-separated ints, got {text!r}")
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--contexts expects positive ints, got {text!r}")
+    return values
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", type=parse_contexts, default=None, help="comma-separated context lengths "
+                   "(default 1024,4096,16384; 512,1024 with --quick)")
+    p.add_argument("--quick", action="store_true", help="smoke test: contexts 512,1024 and fewer decode steps")
+    p.add_argument("--steps", type=int, default=None, help="timed decode steps per setup (default 64; 16 with --quick)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up decode steps (default 4; 2 with --quick)")
+    p.add_argument("--chunk", type=int, default=1024, help="prefill tokens per forward call (default 1024)")
+    p.add_argument("--budget", type=int, default=1024, help="budget of the sink/h2o memories (default 1024)")
+    p.add_argument("--interval", type=int, default=64, help="eviction interval of the sink/h2o memories (default 64)")
+    p.add_argument("--sequential", action="store_true", help="time each setup's steps back to back instead of "
+                   "interleaving the four setups round-robin")
+    p.add_argument("--out", default=None, help="also write the markdown report to this file")
+    args = p.parse_args(argv)
+
+    contexts = args.contexts or ([512, 1024] if args.quick else [1024, 4096, 16384])
+    args.steps = args.steps if args.steps is not None else (16 if args.quick else 64)
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 4)
+    if args.steps < 1 or args.warmup < 0 or args.chunk < 1:
+        p.error("--steps must be >= 1, --warmup >= 0, --chunk >= 1")
+
+    max_positions = max(32768, max(contexts) + args.warmup + args.steps + 1)
+    sdpa_model, tm_model = build_models(max_positions)
+    setups = make_setups(sdpa_model, tm_model, args.budget, args.interval)
+
+    results, agreement, loads = [], {}, {}
+    with torch.inference_mode():
+        for context in contexts:
+            log(f"context {context}:")
+            loads[context] = run_context(setups, context, args, sdpa_model.config.vocab_size)
+            base = setups[0]
+            base_ms = statistics.median(base.times)
+            base_kv = base.kv()[0]
+            for s in setups:
+                kv, alloc, held = s.kv()
+                ms = statistics.median(s.times)
+                results.append(
+                    {
+                        "context": context,
+                        "cache": s.name,
+                        "ms": 1e3 * ms,
+                        "mean_ms": 1e3 * statistics.fmean(s.times),
+                        "min_ms": 1e3 * min(s.times),
+                        "time_ratio": ms / base_ms,
+                        "kv": kv,
+                        "kv_ratio": kv / base_kv,
+                        "alloc": alloc,
+                        "held": held,
+                    }
+                )
+            full = setups[1]
+            agreement[context] = (sum(a == b for a, b in zip(base.tokens, full.tokens)), len(base.tokens))
+            for s in setups:
+                s.release()
+            gc.collect()
+
+    report = header(args, contexts) + table(results) + targets(results, contexts, args, agreement, loads)
+    text = "\n".join(report) + "\n"
+    print(text, end="", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

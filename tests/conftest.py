@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny random models of each tested family, built from configs (nothing downloaded)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None)
+settings.register_profile("dev", max_examples=40, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+VOCAB = 320
+
+
+def tiny_config(family: str, **overrides):
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                  bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    if family == "llama":
+        cfg = LlamaConfig(**common)
+    elif family == "mistral":
+        cfg = MistralConfig(**common, sliding_window=None)
+    elif family == "qwen2":
+        cfg = Qwen2Config(**{**common, "num_key_value_heads": 1})
+    elif family == "gpt2":
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=8192,
+                         bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_model(family: str, seed: int = 0, attn: str = "sdpa", **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+    # random weights are small: scale up so attention is peaked and greedy decoding is not tie-prone
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "emb" not in name and "wte" not in name and "wpe" not in name:
+                p.mul_(4.0)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def twin(model):
+    """An independent copy with the same weights (tokenmem switches the attention of the model it prepares)."""
+    return copy.deepcopy(model)
+
+
+@pytest.fixture(params=["llama", "mistral", "qwen2", "gpt2"])
+def family(request):
+    return request.param
+
+
+def padded_batch(batch: int, length: int, seed: int = 0, pad: int = 5):
+    """Random prompts, left-padded: row i > 0 has ``pad * i`` padding tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(1, batch):
+        mask[i, : pad * i] = 0
+        ids[i, : pad * i] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer trained offline on a few sentences, saved as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = [
+        "def add(a, b):\n    return a + b\n",
+        "Hello, world. How are you? Fine! Thanks; see: this is a test.\n",
+        "The quick brown fox jumps over the lazy dog. The end, again.\n",
+        "for i in range(10):\n\tprint(i, i * i)\n",
+    ] * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    path = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny Llama + tokenizer saved with save_pretrained (loaded back through the real from_pretrained)."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("llama")
+    model = tiny_model("llama")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(path)
+    return str(path)

@@ -1,0 +1,91 @@
+"""With a budget that never binds, tokenmem reproduces plain transformers (sdpa + DynamicCache) exactly."""
+
+import pytest
+import torch
+
+import tokenmem
+from conftest import padded_batch, tiny_model, twin
+
+NEW_TOKENS = 64
+PROMPT = 24
+
+
+def _generate(model, ids, mask, cache=None):
+    kwargs = {} if cache is None else {"past_key_values": cache}
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True, **kwargs)
+
+
+def _assert_same(ref, out, atol=1e-5):
+    assert torch.equal(ref.sequences, out.sequences)
+    assert len(ref.logits) == len(out.logits) == NEW_TOKENS
+    for step, (a, b) in enumerate(zip(ref.logits, out.logits)):
+        err = (a - b).abs().max().item()
+        assert err <= atol, f"step {step}: logits differ by {err}"
+
+
+@pytest.fixture(scope="module")
+def references():
+    """Plain transformers generations, computed once per (family, batch)."""
+    cache = {}
+
+    def get(family, batch):
+        if (family, batch) not in cache:
+            model = tiny_model(family)
+            ids, mask = padded_batch(batch, PROMPT, seed=batch)
+            cache[(family, batch)] = (model, ids, mask, _generate(model, ids, mask))
+        return cache[(family, batch)]
+
+    return get
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("evictor", ["full", "sink", "recent", "h2o", "random", "separator"])
+def test_no_eviction_matches_dynamic_cache(family, batch, evictor, references):
+    model, ids, mask, ref = references(family, batch)
+    ours = twin(model)
+    budget = None if evictor == "full" else PROMPT + NEW_TOKENS
+    options = {"separator_ids": [5, 6, 7]} if evictor == "separator" else {}
+    memory = tokenmem.TokenMemory(ours, evictor=evictor, budget=budget, interval=8, **options)
+    out = _generate(ours, ids, mask, memory)
+    _assert_same(ref, out)
+    assert memory.stats()["evictions"] == 0
+    assert memory.stats()["held"] == [PROMPT + NEW_TOKENS - 1] * len(memory.layers)
+
+
+def test_prepared_model_still_matches_with_dynamic_cache(references):
+    """Once prepared, the model's attention is 'tokenmem' even with a DynamicCache; results are unchanged."""
+    model, ids, mask, ref = references("llama", 2)
+    ours = twin(model)
+    tokenmem.prepare_model(ours)
+    assert ours.config._attn_implementation == "tokenmem"
+    _assert_same(ref, _generate(ours, ids, mask))
+    tokenmem.restore_model(ours)
+    assert ours.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_shift_positions_without_eviction(batch, references):
+    """In shift mode positions are cache slots: identical without padding, the same up to a constant
+    per-row position offset with left padding (RoPE is relative, so logits agree to float precision)."""
+    model, ids, mask, ref = references("llama", batch)
+    ours = twin(model)
+    memory = tokenmem.TokenMemory(ours, "sink", budget=PROMPT + NEW_TOKENS, positions="shift")
+    out = _generate(ours, ids, mask, memory)
+    _assert_same(ref, out, atol=1e-5 if batch == 1 else 1e-4)
+
+
+def test_hand_written_loop_matches(references):
+    """past_key_values=memory in a manual decode loop, batch 1."""
+    model, ids, mask, ref = references("qwen2", 1)
+    ours = twin(model)
+    memory = tokenmem.TokenMemory(ours, "h2o", budget=1000, interval=4)
+    tokens = []
+    with torch.no_grad():
+        out = ours(ids, past_key_values=memory, use_cache=True)
+        for _ in range(NEW_TOKENS):
+            nxt = out.logits[:, -1:].argmax(-1)
+            tokens.append(nxt)
+            out = ours(nxt, past_key_values=memory, use_cache=True)
+    assert torch.equal(torch.cat(tokens, 1), ref.sequences[:, PROMPT:])
