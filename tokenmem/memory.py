@@ -190,6 +190,9 @@ class MemoryLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # the same, under its transformers 5.2 name
+        return -1
+
     def reset(self) -> None:
         self.__init__(self.memory, self.index)
 

@@ -1,0 +1,110 @@
+"""The ``tokenmem`` command.
+
+    tokenmem evictors                      list registered evictors
+    tokenmem generate --model PATH --prompt-file F --evictor sink --budget 512
+    tokenmem demo                          the memory mechanics on a small local model
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import TokenmemError
+
+
+def _budget(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"budget must be an int or a float in (0, 1], got {text!r}") from None
+
+
+def _add_memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--evictor", default="full", help="registered evictor name (see `tokenmem evictors`)")
+    p.add_argument("--budget", type=_budget, default=None,
+                   help="tokens kept per layer and KV head (int) or fraction of tokens seen (float in (0, 1])")
+    p.add_argument("--interval", type=int, default=64, help="new tokens between evictions (default 64)")
+    p.add_argument("--positions", choices=["original", "shift"], default="original")
+
+
+def cmd_evictors(args) -> int:
+    from .evictor import list_evictors
+
+    entries = list_evictors()
+    width = max(len(n) for n in entries)
+    for name, description in entries.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from tokenmem.adapters.text import TextAdapter
+
+    if args.prompt_file == "-":
+        prompt = sys.stdin.read()
+    else:
+        if not os.path.isfile(args.prompt_file):
+            raise TokenmemError(f"prompt file {args.prompt_file!r} does not exist")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompt = f.read()
+    if not prompt.strip():
+        raise TokenmemError(f"prompt file {args.prompt_file!r} is empty; give a prompt to continue")
+    torch.manual_seed(args.seed)
+    adapter = TextAdapter.from_pretrained(args.model)
+    result = adapter.generate(
+        prompt, evictor=args.evictor, budget=args.budget, interval=args.interval, positions=args.positions,
+        max_new_tokens=args.max_new_tokens,
+    )
+    print(result.texts[0])
+    print("-" * 60)
+    print(result.memory.summary())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import demo
+
+    return demo.run(model_path=args.model, max_new_tokens=args.max_new_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmem", description="A bounded, learned working memory for transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("evictors", help="list registered evictors with one-line descriptions")
+    p.set_defaults(func=cmd_evictors)
+
+    p = sub.add_parser("generate", help="generate text from a local causal LM under a bounded memory")
+    p.add_argument("--model", required=True, help="local model directory (from_pretrained)")
+    p.add_argument("--prompt-file", required=True, help="text file with the prompt ('-' for stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    _add_memory_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="show the memory at work on a small local model")
+    p.add_argument("--model", default=None, help="local model directory (default: a small model made locally)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TokenmemError as exc:
+        print(f"tokenmem: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
