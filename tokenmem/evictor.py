@@ -33,6 +33,7 @@ class LayerView:
     seen: int  # tokens seen by this layer so far
     budget: int  # tokens per (batch, head) the memory is about to keep
     new_tokens: int  # tokens appended by the latest call
+    rows: torch.Tensor | None = None  # [b, h, r, n] float32: attention rows of the newest r queries (oldest first)
     extras: dict = field(default_factory=dict)
 
     @property
@@ -63,6 +64,9 @@ class Evictor:
     evicts: bool = True
     #: True when :meth:`observe` needs the per-key attention mass from the statistics attention.
     needs_stats: bool = False
+    #: > 0 when the evictor reads the attention rows of the newest queries (``view.rows``): the memory
+    #: keeps the rows of up to this many queries since the last eviction.
+    stats_window: int = 0
 
     def state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Per-token state the memory must store for this evictor: name -> (trailing shape, dtype)."""

@@ -74,6 +74,8 @@ class MemoryLayer(CacheLayerMixin):
         self.since_evict = 0
         self.pending = 0  # appended tokens whose metadata the attention call has not written yet
         self.mass: torch.Tensor | None = None  # [b, h, held] latest attention mass
+        self.rows: torch.Tensor | None = None  # [b, h, window, capacity] attention rows of recent queries
+        self.row_count = 0  # rows of queries since the last eviction, ``rows[:, :, :row_count]`` (newest last)
         self.evictions = 0
 
     # -- tensors ----------------------------------------------------------------------------------
@@ -117,8 +119,15 @@ class MemoryLayer(CacheLayerMixin):
         return self._k.shape[0] if self._k is not None else -1
 
     def buffers(self) -> list[torch.Tensor]:
-        out = [t for t in (self._k, self._v, self._meta, self.mass) if t is not None]
+        out = [t for t in (self._k, self._v, self._meta, self.mass, self.rows) if t is not None]
         return out + list(self.state.values())
+
+    @property
+    def recent_rows(self) -> torch.Tensor | None:
+        """``[b, h, r, held]``: attention rows of the ``r`` newest queries since the last eviction."""
+        if self.rows is None:
+            return None
+        return self.rows[:, :, : self.row_count, : self.held]
 
     # -- CacheLayerMixin --------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -136,6 +145,12 @@ class MemoryLayer(CacheLayerMixin):
             name: torch.zeros(b, h, capacity, *shape, dtype=dtype, device=like_k.device)
             for name, (shape, dtype) in spec.items()
         }
+        window = self.memory.evictor.stats_window
+        old_rows = self.rows
+        if window > 0:
+            self.rows = torch.zeros(b, h, window, capacity, dtype=torch.float32, device=like_k.device)
+            if old_rows is not None and self.held:
+                self.rows[..., : self.held] = old_rows[..., : self.held]
         if old[0] is not None and self.held:
             n = self.held
             self._k[:, :, :n] = old[0][:, :, :n]
@@ -236,14 +251,13 @@ class MemoryLayer(CacheLayerMixin):
     def compact(self, index: torch.Tensor) -> None:
         """Keep the slots ``index [b, h, k]`` (ascending) of keys, values, metadata, state and mass."""
         n, k = self.held, index.shape[-1]
-        gather = kernels.gather_tokens
-        self._k[:, :, :k] = gather(self._k[:, :, :n], index)
-        self._v[:, :, :k] = gather(self._v[:, :, :n], index)
-        self._meta[:, :, :k] = gather(self._meta[:, :, :n], index)
-        for name, tensor in self.state.items():
-            tensor[:, :, :k] = gather(tensor[:, :, :n], index)
+        kernels.compact_([self._k, self._v, self._meta, *self.state.values()], index)
         if self.mass is not None and self.mass.shape[-1] == n:
-            self.mass = gather(self.mass, index)
+            self.mass = kernels.gather_tokens(self.mass, index)
+        if self.rows is not None and self.row_count:  # rows follow their keys (dim 3)
+            live = self.rows[:, :, : self.row_count, :n]
+            idx = index[:, :, None, :].expand(-1, -1, self.row_count, -1)
+            self.rows[:, :, : self.row_count, :k] = torch.gather(live, 3, idx)
         self.held = k
         slack = max(self.memory.interval, 1)
         if self.capacity > 2 * (k + slack) and self.capacity > 64:  # give back what a long prefill took
@@ -465,15 +479,33 @@ class TokenMemory(Cache):
             key_valid = (layer._meta[:, :, :n, FLAGS] & PAD) == 0  # [b, h, n]
             query_valid = (chunk[:, 0, :, FLAGS] & PAD) == 0  # [b, q]
         need_mass = self.record_stats or self.evictor.needs_stats
+        rows = self._rows_for(layer, q) if layer.rows is not None else None
         out, mass = kernels.attention_with_stats(
             query, layer.keys, layer.values, scaling=scaling, causal=causal,
-            key_valid=key_valid, query_valid=query_valid, need_mass=need_mass, dropout=dropout,
+            key_valid=key_valid, query_valid=query_valid, need_mass=need_mass, rows=rows, dropout=dropout,
         )
         layer.mass = mass
-        if mass is not None and self.evictor.needs_stats:
+        if rows is not None:
+            layer.row_count += rows.shape[2]
+        if self.evictor.needs_stats or rows is not None:
             self.evictor.observe(self._view(layer, self.budget_tokens(layer.seen) or n, q))
         self._maybe_evict(layer, q)
         return out
+
+    def _rows_for(self, layer: MemoryLayer, q: int) -> torch.Tensor:
+        """The slice of ``layer.rows`` the kernel writes this call's newest rows into (oldest rows dropped
+        when more than ``window`` queries arrived since the last eviction)."""
+        w, n = layer.rows.shape[2], layer.held
+        r = min(q, w)
+        if layer.row_count + r > w:
+            keep = max(0, w - r)
+            drop = layer.row_count - keep
+            if keep:
+                layer.rows[:, :, :keep, :n] = layer.rows[:, :, drop : layer.row_count, :n].clone()
+            layer.row_count = keep
+        if layer.row_count:  # earlier queries did not see the keys appended by this call
+            layer.rows[:, :, : layer.row_count, n - q : n] = 0
+        return layer.rows[:, :, layer.row_count : layer.row_count + r, :n]
 
     def _shift_new_tokens(self, layer: MemoryLayer, query: torch.Tensor, q: int) -> torch.Tensor:
         """``shift`` mode: new tokens take the cache slots' positions; rotate their keys and queries."""
@@ -497,6 +529,7 @@ class TokenMemory(Cache):
             meta=layer.meta,
             state=layer.token_state,
             mass=layer.mass,
+            rows=layer.recent_rows,
             seen=layer.seen,
             budget=budget,
             new_tokens=new_tokens,
@@ -532,6 +565,7 @@ class TokenMemory(Cache):
         if self.positions == "shift" and self.context.inv_freq is not None:
             self._reposition(layer)
         layer.since_evict = 0
+        layer.row_count = 0  # the rows since the last eviction were read by it
         layer.evictions += 1
 
     def _reposition(self, layer: MemoryLayer) -> None:

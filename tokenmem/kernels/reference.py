@@ -31,6 +31,7 @@ def attention_with_stats(
     query_valid: torch.Tensor | None = None,  # bool [b, q]
     mask: torch.Tensor | None = None,  # [b, 1 | hq, q, n]: bool (True = attend) or additive float
     need_mass: bool = False,
+    rows: torch.Tensor | None = None,  # float32 [b, hkv, r, n], r <= q: filled with the newest r rows
     dropout: float = 0.0,
     chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -38,7 +39,10 @@ def attention_with_stats(
 
     Causality is by cache slot: query ``i`` (of the ``q`` newest tokens, which occupy the last ``q``
     key slots) attends to key slots ``j <= n - q + i``. Queries with no admissible key (padding) give a
-    zero output and contribute no mass; ``query_valid`` additionally removes padded queries from the mass.
+    zero output and contribute no mass; ``query_valid`` additionally removes padded queries from the
+    mass and zeroes their rows. The mass of key ``j`` is ``sum_i p[h, i, j]`` over this call's valid
+    queries ``i``, averaged over the query heads ``h`` of the key's group. ``rows`` (when given) receives
+    the attention rows ``p[i, :]`` of the newest ``r`` queries, averaged over the group's query heads.
     """
     b, hq, q, d = query.shape
     hkv, n, dv = key.shape[1], key.shape[2], value.shape[-1]
@@ -85,10 +89,16 @@ def attention_with_stats(
         if dropout > 0.0:
             probs = F.dropout(probs, p=dropout, training=True)
         out[:, :, :, s:e] = torch.matmul(probs.view(b, hkv, g * c, n), v).view(b, hkv, g, c, dv)
-        if mass is not None:
+        if mass is not None or rows is not None:
             if query_valid is not None:
                 probs = probs * query_valid[:, None, None, s:e, None].to(compute)
-            mass += probs.sum(dim=(2, 3)).to(torch.float32)
+            if mass is not None:
+                mass += probs.sum(dim=(2, 3)).to(torch.float32)
+            if rows is not None:
+                r = rows.shape[2]
+                lo = max(s, q - r)
+                if lo < e:
+                    rows[:, :, lo - (q - r) : e - (q - r)] = probs[:, :, :, lo - s :].mean(dim=2).to(rows.dtype)
     if mass is not None and g > 1:
         mass /= g
     return out.view(b, hq, q, dv).to(query.dtype), mass
@@ -98,3 +108,12 @@ def gather_tokens(buffer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Select tokens along dim 2 of ``buffer [b, h, n, ...]`` with ``index [b, h, k]`` (any trailing dims)."""
     idx = index.view(*index.shape, *([1] * (buffer.dim() - 3))).expand(*index.shape, *buffer.shape[3:])
     return torch.gather(buffer, 2, idx)
+
+
+def compact_(buffers: list[torch.Tensor], index: torch.Tensor) -> None:
+    """Compaction, in place: for every ``buffer [b, h, capacity, ...]`` write slot ``index[b, h, j]`` to
+    slot ``j`` for ``j < k`` (``index [b, h, k]`` ascending). Slots ``>= k`` are left as they are."""
+    n = int(index.max()) + 1 if index.numel() else 0
+    k = index.shape[-1]
+    for buffer in buffers:
+        buffer[:, :, :k] = gather_tokens(buffer[:, :, :n], index)

@@ -1,0 +1,207 @@
+"""The CPU backend: attention statistics in two passes over key blocks, never ``n x n``.
+
+Pass 1 gives the attention output and the row-wise log-sum-exp (LSE). Without padding it is
+PyTorch's own fused flash-attention kernel for the CPU (``_scaled_dot_product_flash_attention_for_cpu``,
+the kernel behind sdpa, which also returns the LSE); with a chunk of new queries after cached keys it
+runs twice (cached keys, then the causal square of the new ones) and the halves are merged through
+their LSEs. With padded keys, pass 1 is a blocked torch loop (LSE first, then the output from
+``exp(s - lse)``). Pass 2 recomputes ``exp(s - lse)`` block by block (query block x key block) and
+sums it into the per-key mass and the rows of the newest queries. Decoding (one query) takes a
+direct path: one row of scores per head is small.
+
+The two-pass / online-softmax structure follows FlashAttention (Dao et al. 2022, arXiv:2205.14135).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import TokenmemError
+
+BLOCK_Q = 256
+BLOCK_K = 1024
+_NEG_INF = float("-inf")
+
+
+def attention_with_stats(
+    query: torch.Tensor,  # [b, hq, q, d]
+    key: torch.Tensor,  # [b, hkv, n, d]
+    value: torch.Tensor,  # [b, hkv, n, dv]
+    *,
+    scaling: float,
+    causal: bool = True,
+    key_valid: torch.Tensor | None = None,  # bool [b, hkv | 1, n]
+    query_valid: torch.Tensor | None = None,  # bool [b, q]
+    mask: torch.Tensor | None = None,
+    need_mass: bool = False,
+    rows: torch.Tensor | None = None,  # float32 [b, hkv, r, n]
+    dropout: float = 0.0,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same contract as :func:`tokenmem.kernels.reference.attention_with_stats`."""
+    if mask is not None or dropout > 0.0:
+        raise TokenmemError("the cpu backend takes no extra mask or dropout; the dispatcher routes those to reference")
+    b, hq, q, d = query.shape
+    hkv, n = key.shape[1], key.shape[2]
+    if q == 1:
+        return _decode(query, key, value, scaling, key_valid, query_valid, need_mass, rows)
+    if key_valid is None:
+        out, lse = _flash(query, key, value, scaling, causal)
+    else:
+        lse = _lse_blocked(query, key, scaling, causal, key_valid, block_q, block_k)
+        out = None
+    mass = None
+    if need_mass or rows is not None or out is None:
+        out2, mass = _column_pass(query, key, value, lse, scaling, causal, key_valid, query_valid,
+                                  need_mass, rows, out is None, block_q, block_k)
+        out = out2 if out is None else out
+    return out, mass
+
+
+# -- decode -----------------------------------------------------------------------------------
+def _decode(query, key, value, scaling, key_valid, query_valid, need_mass, rows):
+    b, hq, _, d = query.shape
+    hkv, n, dv = key.shape[1], key.shape[2], value.shape[-1]
+    g = hq // hkv
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    qg = query.reshape(b, hkv, g, d).to(compute)
+    scores = torch.matmul(qg, key.to(compute).transpose(-1, -2)).mul_(scaling)  # [b, hkv, g, n]
+    if key_valid is not None:
+        scores.masked_fill_(~key_valid[:, :, None, :], _NEG_INF)
+    probs = torch.softmax(scores, dim=-1)
+    if key_valid is not None:
+        probs = probs.nan_to_num_(0.0)
+    out = torch.matmul(probs, value.to(compute)).view(b, hq, 1, dv).to(query.dtype)
+    mass = None
+    if need_mass or rows is not None:
+        col = probs.mean(dim=2)  # [b, hkv, n]
+        if query_valid is not None:
+            col = col * query_valid[:, :1, None].to(compute)
+        col = col.to(torch.float32)
+        if rows is not None:
+            rows[:, :, 0] = col
+        mass = col if need_mass else None
+    return out, mass
+
+
+# -- pass 1 -----------------------------------------------------------------------------------
+def _flash(query, key, value, scaling, causal):
+    """Output and LSE ``[b, hq, q]`` through PyTorch's fused CPU flash-attention kernel."""
+    b, hq, q, d = query.shape
+    hkv, n = key.shape[1], key.shape[2]
+    g = hq // hkv
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    k = key.repeat_interleave(g, dim=1) if g > 1 else key
+    v = value.repeat_interleave(g, dim=1) if g > 1 else value
+    if not causal or n == q:
+        out, lse = flash(query, k, v, 0.0, causal and n == q, scale=scaling)
+        return out, lse.to(torch.float32)
+    # new queries after cached keys: cached part (fully visible) + causal square, merged by LSE
+    out_past, lse_past = flash(query, k[:, :, : n - q], v[:, :, : n - q], 0.0, False, scale=scaling)
+    out_new, lse_new = flash(query, k[:, :, n - q :], v[:, :, n - q :], 0.0, True, scale=scaling)
+    lse = torch.logaddexp(lse_past.float(), lse_new.float())
+    w_past = torch.exp(lse_past.float() - lse)[..., None]
+    w_new = torch.exp(lse_new.float() - lse)[..., None]
+    out = (out_past.float() * w_past + out_new.float() * w_new).to(query.dtype)
+    return out, lse
+
+
+def _block_scores(qb, key, t, u, scaling, causal, key_valid, s, e, offset, compute):
+    """Scores ``[b, hkv, g, c, kb]`` of query block ``s:e`` against key block ``t:u`` (masked)."""
+    b, hkv, g, c, d = qb.shape
+    kb = key[:, :, t:u].to(compute)
+    sc = torch.matmul(qb.reshape(b, hkv, g * c, d), kb.transpose(-1, -2)).view(b, hkv, g, c, u - t)
+    sc.mul_(scaling)
+    if causal and u - 1 > s + offset:  # the block reaches past some query's diagonal
+        allowed = torch.arange(t, u, device=qb.device)[None, :] <= (torch.arange(s, e, device=qb.device) + offset)[:, None]
+        sc.masked_fill_(~allowed, _NEG_INF)
+    if key_valid is not None:
+        sc.masked_fill_(~key_valid[:, :, None, None, t:u], _NEG_INF)
+    return sc
+
+
+def _key_blocks(n, s, e, offset, causal, block_k):
+    stop = min(n, e - 1 + offset + 1) if causal else n
+    return [(t, min(t + block_k, stop)) for t in range(0, stop, block_k)]
+
+
+def _lse_blocked(query, key, scaling, causal, key_valid, block_q, block_k):
+    b, hq, q, d = query.shape
+    hkv, n = key.shape[1], key.shape[2]
+    g = hq // hkv
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    qg = query.reshape(b, hkv, g, q, d)
+    offset = n - q
+    lse = torch.full((b, hkv, g, q), _NEG_INF, dtype=compute, device=query.device)
+    for s in range(0, q, block_q):
+        e = min(q, s + block_q)
+        qb = qg[:, :, :, s:e].to(compute)
+        acc = lse[:, :, :, s:e]
+        for t, u in _key_blocks(n, s, e, offset, causal, block_k):
+            sc = _block_scores(qb, key, t, u, scaling, causal, key_valid, s, e, offset, compute)
+            acc = torch.logaddexp(acc, torch.logsumexp(sc, dim=-1))
+        lse[:, :, :, s:e] = acc
+    return lse.view(b, hq, q)
+
+
+# -- pass 2 -----------------------------------------------------------------------------------
+def _column_pass(query, key, value, lse, scaling, causal, key_valid, query_valid, need_mass, rows, need_out,
+                 block_q, block_k):
+    b, hq, q, d = query.shape
+    hkv, n, dv = key.shape[1], key.shape[2], value.shape[-1]
+    g = hq // hkv
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    qg = query.reshape(b, hkv, g, q, d)
+    # rows with no admissible key have lse = -inf: make exp(s - lse) = 0 there instead of NaN
+    lse_g = lse.reshape(b, hkv, g, q).to(compute)
+    lse_g = torch.where(torch.isinf(lse_g), torch.full_like(lse_g, float("inf")), lse_g)
+    offset = n - q
+    mass = torch.zeros(b, hkv, n, dtype=compute, device=query.device) if need_mass else None
+    out = torch.zeros(b, hkv, g, q, dv, dtype=compute, device=query.device) if need_out else None
+    r = rows.shape[2] if rows is not None else 0
+    if rows is not None:
+        rows.zero_()
+    qv = query_valid.to(compute) if query_valid is not None else None
+    for s in range(0, q, block_q):
+        e = min(q, s + block_q)
+        qb = qg[:, :, :, s:e].to(compute)
+        lb = lse_g[:, :, :, s:e, None]
+        for t, u in _key_blocks(n, s, e, offset, causal, block_k):
+            p = _block_scores(qb, key, t, u, scaling, causal, key_valid, s, e, offset, compute)
+            p.sub_(lb).exp_()  # [b, hkv, g, c, kb]
+            if out is not None:
+                out[:, :, :, s:e] += torch.matmul(p, value[:, :, None, t:u].to(compute))
+            if mass is None and rows is None:
+                continue
+            if qv is not None:
+                p.mul_(qv[:, None, None, s:e, None])
+            if mass is not None:
+                mass[:, :, t:u] += p.sum(dim=(2, 3))
+            lo = max(s, q - r)
+            if rows is not None and lo < e:
+                rows[:, :, lo - (q - r) : e - (q - r), t:u] = p[:, :, :, lo - s :].mean(dim=2).to(rows.dtype)
+    if mass is not None and g > 1:
+        mass /= g
+    if out is not None:
+        out = out.view(b, hq, q, dv).to(query.dtype)
+    return out, (mass.to(torch.float32) if mass is not None else None)
+
+
+# -- compaction -------------------------------------------------------------------------------
+COMPACT_BLOCK = 512
+
+
+def compact_(buffers: list[torch.Tensor], index: torch.Tensor, block: int = COMPACT_BLOCK) -> None:
+    """In-place compaction: slot ``index[b, h, j]`` -> slot ``j``, walking ``j`` in ascending blocks.
+
+    Safe in place because ``index`` is ascending (``index[j] >= j``): a block's sources are read into a
+    block-sized temporary before its slots are written, and later blocks only read slots past it.
+    """
+    k = index.shape[-1]
+    for buffer in buffers:
+        trailing = buffer.shape[3:]
+        for j in range(0, k, block):
+            idx = index[:, :, j : j + block]
+            idx = idx.view(*idx.shape, *([1] * len(trailing))).expand(*idx.shape, *trailing)
+            buffer[:, :, j : j + idx.shape[2]] = torch.gather(buffer, 2, idx)
