@@ -1,11 +1,12 @@
 """tokenmem.plugins: the evictors. Importing this package registers every built-in evictor."""
 
-from . import full, h2o, random_keep, recent, separator, sink  # noqa: F401  (registration side effects)
+from . import full, h2o, namm, random_keep, recent, separator, sink  # noqa: F401  (registration side effects)
 from .full import FullEvictor
 from .h2o import H2OEvictor
+from .namm import NAMM, NAMMConfig
 from .random_keep import RandomEvictor
 from .recent import RecentEvictor
 from .separator import SeparatorEvictor
 from .sink import SinkEvictor
 
-__all__ = ["FullEvictor", "H2OEvictor", "RandomEvictor", "RecentEvictor", "SeparatorEvictor", "SinkEvictor"]
+__all__ = ["FullEvictor", "H2OEvictor", "NAMM", "NAMMConfig", "RandomEvictor", "RecentEvictor", "SeparatorEvictor", "SinkEvictor"]

@@ -64,6 +64,10 @@ class Evictor:
     evicts: bool = True
     #: True when :meth:`observe` needs the per-key attention mass from the statistics attention.
     needs_stats: bool = False
+    #: When set, the evictor decides counts itself: every ``interval`` tokens the memory keeps the tokens
+    #: scoring ``>= threshold`` (plus protected ones; the budget, if any, caps the count by top score).
+    #: Heads and rows may keep different counts; see :meth:`tokenmem.TokenMemory.evict_layer`.
+    threshold: float | None = None
     #: > 0 when the evictor reads the attention rows of the newest queries (``view.rows``): the memory
     #: keeps the rows of up to this many queries since the last eviction.
     stats_window: int = 0

@@ -24,6 +24,7 @@ from .meta import FIELDS, FLAGS, PAD, POSITION, PROTECT, ROPE, SEPARATOR, TOKEN,
 from .rope import rotate_by
 
 POSITION_MODES = ("original", "shift")
+DEFAULT_INTERVAL = 64
 
 
 def validate_budget(budget) -> int | float | None:
@@ -273,7 +274,8 @@ class TokenMemory(Cache):
         evictor: a registered evictor name (see ``tokenmem evictors``) or an :class:`~tokenmem.Evictor`.
         budget: tokens kept per layer and KV head (int), or a fraction of the tokens seen (float in (0, 1]);
             ``None`` keeps everything.
-        interval: new tokens between evictions during decoding; multi-token calls (prefill chunks)
+        interval: new tokens between evictions during decoding (default: the evictor's ``default_interval``,
+            64 for the classic evictors, 512 for NAMM); multi-token calls (prefill chunks)
             always end with an eviction when over budget. Held tokens never exceed ``budget + interval``
             after a decode step.
         positions: ``"original"`` (new tokens continue counting from the tokens seen) or ``"shift"``
@@ -290,7 +292,7 @@ class TokenMemory(Cache):
         model=None,
         evictor: str | Evictor = "full",
         budget: int | float | None = None,
-        interval: int = 64,
+        interval: int | None = None,
         positions: str = "original",
         *,
         tokenizer=None,
@@ -300,10 +302,18 @@ class TokenMemory(Cache):
     ):
         self.evictor = get_evictor(evictor, **evictor_options)
         self.budget = validate_budget(budget)
-        if self.evictor.evicts and self.budget is None:
+        if self.evictor.evicts and self.budget is None and self.evictor.threshold is None:
             raise BudgetError(
                 f"evictor {self.evictor.name!r} needs a budget: pass budget=<tokens> (e.g. 256) or a fraction "
                 "(e.g. 0.25); use evictor='full' to keep everything"
+            )
+        if interval is None:
+            interval = getattr(self.evictor, "default_interval", DEFAULT_INTERVAL)
+        window = getattr(self.evictor, "stats_window", 0)
+        if self.evictor.threshold is not None and window and window != interval:
+            raise TokenmemError(
+                f"evictor {self.evictor.name!r} updates from the attention of its last {window} queries but the memory "
+                f"interval is {interval}; use TokenMemory(..., interval={window}) or configure the evictor for {interval}"
             )
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise TokenmemError(f"interval must be a positive int (new tokens between evictions), got {interval!r}")
@@ -539,13 +549,25 @@ class TokenMemory(Cache):
         if not self.evictor.evicts:
             return
         keep = self.budget_tokens(layer.seen)
+        if self.evictor.threshold is not None:  # the evictor sets the count: update every interval tokens
+            over_budget = keep is not None and layer.held > keep and q > 1
+            if layer.since_evict >= self.interval or over_budget:
+                self.evict_layer(layer, keep)
+            return
         if layer.held <= keep or not (layer.since_evict >= self.interval or q > 1):
             return
         self.evict_layer(layer, keep)
 
-    def evict_layer(self, layer: MemoryLayer, keep: int) -> None:
-        """Evict one layer down to ``keep`` tokens per (batch row, KV head)."""
-        view = self._view(layer, keep, 0)
+    def evict_layer(self, layer: MemoryLayer, keep: int | None) -> None:
+        """Evict one layer down to ``keep`` tokens per (batch row, KV head).
+
+        Threshold evictors (``evictor.threshold`` set, e.g. NAMM) keep the tokens scoring at least the
+        threshold, capped at ``keep`` when a budget is given. Rows and KV heads may then want different
+        counts: the memory keeps the largest count ``K`` in every row and head (tensors stay rectangular)
+        and *masks* the surplus slots of the rows that wanted fewer (flag ``PAD``: never attended, and
+        evicted first at the next update). Attention thus follows each head's own decision exactly.
+        """
+        view = self._view(layer, keep if keep is not None else layer.held, 0)
         b, h, n = view.meta.position.shape
         scores = torch.as_tensor(self.evictor.score(view)).expand(b, h, n)
         if bool(torch.isnan(scores).any()):
@@ -555,13 +577,22 @@ class TokenMemory(Cache):
         protect = view.meta.is_protected if protect is None else (protect | view.meta.is_protected)
         protect = protect.expand(b, h, n) & valid
         most = int(protect.sum(-1).max())
-        if most > keep:
+        if keep is not None and most > keep:
             raise BudgetError(
                 f"budget of {keep} tokens is smaller than the {most} tokens evictor {self.evictor.name!r} protects "
                 f"on layer {layer.index} (after {layer.seen} tokens seen); raise the budget or protect fewer tokens"
             )
-        index = select_kept(scores, protect, valid, keep)
+        eligible = valid
+        if self.evictor.threshold is not None:
+            eligible = valid & ((scores >= self.evictor.threshold) | protect)
+            count = max(1, int(eligible.sum(-1).max()))
+            keep = count if keep is None else min(keep, count)
+        index = select_kept(scores, protect, eligible, keep)
+        kept_ok = torch.gather(eligible, 2, index) if self.evictor.threshold is not None else None
         layer.compact(index)
+        if kept_ok is not None and not bool(kept_ok.all()):  # ragged decisions: mask the surplus slots
+            layer._meta[:, :, :keep, FLAGS] |= (~kept_ok).long() * PAD
+            self.has_padding = True
         if self.positions == "shift" and self.context.inv_freq is not None:
             self._reposition(layer)
         layer.since_evict = 0

@@ -39,7 +39,7 @@ masked, so head dims like 24 or 80 work.
 What is verified, and what is not:
 
 * Correctness was checked only with the Triton interpreter (``TRITON_INTERPRET=1``) on CPU
-  tensors, against the reference, by ``tests/test_kernels_triton.py`` (float32, bfloat16; GQA groups
+  tensors, against the reference, by ``tests/test_kernels_triton.py`` (float32, bfloat16, float16; GQA groups
   1/2/4/8; causal with left padding; odd sizes up to 1000 tokens; head dims 24/80). The interpreter
   does not emulate GPU memory ordering, warp scheduling, ``tf32`` or compiler-specific numerics.
 * The interpreter cannot run ``tl.dot`` on bfloat16 (it multiplies the raw bit patterns; see
@@ -47,6 +47,9 @@ What is verified, and what is not:
   interpreter bfloat16 operands are upcast to float32 before every ``tl.dot`` (exact: bfloat16
   products are exact in float32). The native bfloat16 ``tl.dot`` path (with ``p`` rounded to the
   value dtype before ``p @ v``, as in FlashAttention) therefore runs only on a GPU and is unverified.
+  The interpreter also rounds float32 -> bfloat16 conversions toward zero where the GPU rounds to
+  nearest even, so the bfloat16 outputs seen in the tests carry up to 1 ulp (2^-7 relative) of
+  interpreter truncation error instead of half an ulp.
 * Nothing was compiled for or run on a real GPU: compilation by the NVIDIA/AMD backends, register
   and shared-memory pressure of the chosen blocks, the in-place safety of ``compact_`` under real
   concurrency, and all performance (throughput, memory traffic, the cost of the second pass, the

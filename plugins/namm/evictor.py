@@ -1,0 +1,132 @@
+"""The NAMM evictor: features -> BAM scorer -> keep tokens scoring >= 0.
+
+Per update (every ``interval`` tokens, which the memory runs as an eviction):
+
+1. the attention rows of the queries since the last update (the memory keeps them; GQA: mean over
+   each KV head's query group) extend every token's EMA spectrogram (:mod:`.features`), stored as
+   per-token evictor state that the memory compacts with the token;
+2. features = ``[recency(age), normalised EMA]`` (25 values by default);
+3. the BAM network scores every token of every (layer, KV head) with one shared parameter vector;
+4. the memory keeps tokens scoring ``>= threshold`` (0) plus the newest token; heads and batch rows
+   may keep different counts, which the memory holds by masking (see ``TokenMemory.evict_layer``).
+   A budget, if given, caps the kept count by top score, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmem.errors import TokenmemError
+from tokenmem.evictor import Evictor, LayerView, register_evictor
+
+from .config import NAMMConfig
+from .features import normalise, recency_features, update_ema
+from .scorer import bam_scores, initial_params, num_params, unflatten
+
+
+@register_evictor("namm")
+class NAMM(Evictor):
+    name = "namm"
+    description = "NAMM: evolved attention-spectrogram scorer (BAM); keeps tokens scoring >= 0"
+
+    def __init__(self, config: NAMMConfig | None = None, params: torch.Tensor | None = None,
+                 norm_mean: torch.Tensor | None = None, norm_var: torch.Tensor | None = None, **fields):
+        if config is not None and fields:
+            raise TokenmemError("pass either a NAMMConfig or config fields, not both")
+        self.config = config or NAMMConfig(**fields)
+        cfg = self.config
+        self.params = (initial_params(cfg) if params is None else torch.as_tensor(params, dtype=torch.float32)).clone()
+        if self.params.shape != (num_params(cfg),):
+            raise TokenmemError(
+                f"NAMM parameter vector has shape {tuple(self.params.shape)}, expected ({num_params(cfg)},) "
+                f"for {cfg.features} features and hidden {cfg.hidden}"
+            )
+        self.norm_mean = torch.zeros(cfg.bins) if norm_mean is None else torch.as_tensor(norm_mean, dtype=torch.float32)
+        self.norm_var = torch.ones(cfg.bins) if norm_var is None else torch.as_tensor(norm_var, dtype=torch.float32)
+        self.threshold = cfg.threshold
+        self.stats_window = cfg.interval
+        self.default_interval = cfg.interval
+        self.calibrating = False
+        self._calib = None  # running (count, mean, M2) per bin while calibrating
+
+    # -- scorer files ------------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path) -> "NAMM":
+        from .io import load_scorer
+
+        return load_scorer(path)
+
+    def save(self, path) -> None:
+        from .io import save_scorer
+
+        save_scorer(self, path)
+
+    def with_params(self, params: torch.Tensor) -> "NAMM":
+        """A NAMM with the same config and normalisation and another parameter vector."""
+        return NAMM(self.config, params, self.norm_mean, self.norm_var)
+
+    # -- normalisation calibration ---------------------------------------------------------------------
+    def start_calibration(self) -> None:
+        """Accumulate per-bin mean/variance of the EMA features from now on (then :meth:`freeze`)."""
+        self.calibrating = True
+        self._calib = (0, torch.zeros(self.config.bins, dtype=torch.float64), torch.zeros(self.config.bins, dtype=torch.float64))
+
+    def freeze(self) -> None:
+        """Stop calibrating and use the accumulated statistics."""
+        if self._calib is None or self._calib[0] < 2:
+            raise TokenmemError("NAMM calibration saw fewer than 2 tokens; run some text through it before freeze()")
+        count, mean, m2 = self._calib
+        self.norm_mean, self.norm_var = mean.float(), (m2 / (count - 1)).float()
+        self.calibrating, self._calib = False, None
+
+    def _accumulate(self, ema: torch.Tensor, valid: torch.Tensor) -> None:
+        x = ema[valid].to(torch.float64).cpu()  # [tokens, bins]
+        if x.shape[0] == 0:
+            return
+        count, mean, m2 = self._calib
+        n_b = x.shape[0]
+        mean_b = x.mean(0)
+        m2_b = ((x - mean_b) ** 2).sum(0)
+        total = count + n_b
+        delta = mean_b - mean
+        self._calib = (total, mean + delta * n_b / total, m2 + m2_b + delta**2 * count * n_b / total)
+
+    # -- the Evictor protocol ------------------------------------------------------------------
+    def state_spec(self):
+        cfg = self.config
+        return {"namm_ema": ((cfg.bins,), torch.float32), "namm_tail": ((cfg.tail,), torch.float32)}
+
+    def protect(self, view: LayerView) -> torch.Tensor:
+        return view.newest(1)
+
+    def features(self, view: LayerView) -> torch.Tensor:
+        """Update the EMA state from the window rows and return features ``[b, h, n, features]``."""
+        cfg = self.config
+        rows = view.rows
+        ema, tail = view.state["namm_ema"], view.state["namm_tail"]
+        positions = view.meta.position
+        newest = positions.amax(dim=-1, keepdim=True)  # [b, h, 1]
+        if rows is not None and rows.shape[2] >= cfg.hop:
+            t = rows.shape[2] - rows.shape[2] % cfg.hop  # whole hops only (drops the oldest rows if needed)
+            rows = rows[:, :, rows.shape[2] - t :]
+            first_query = (positions - (newest - t + 1)).clamp(min=0)  # [b, h, n]
+            new_ema, new_tail = update_ema(ema, tail, rows, first_query, cfg)
+            ema.copy_(new_ema)
+            tail.copy_(new_tail)
+        valid = view.meta.valid
+        if self.calibrating:
+            self._accumulate(ema, valid)
+        age = newest - positions
+        x = torch.cat([recency_features(age, cfg),
+                       normalise(ema, self.norm_mean.to(ema.device), self.norm_var.to(ema.device), cfg)], dim=-1)
+        return x
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        x = self.features(view)
+        b, h, n, f = x.shape
+        params = unflatten(self.params.to(x.device), self.config)
+        scores = bam_scores(x.reshape(b * h, n, f), view.meta.valid.reshape(b * h, n), params, self.config.block)
+        return scores.view(b, h, n)
+
+    def __repr__(self) -> str:
+        return f"NAMM(interval={self.config.interval}, threshold={self.config.threshold})"

@@ -1,0 +1,71 @@
+"""NAMM token features: attention spectrogram (STFT) -> EMA over frames, normalisation, recency.
+
+For each stored token of a (layer, KV head), its attention column over the newest queries (the
+memory's window statistics; GQA: mean over the group's query heads) is a signal in time. Each update
+sees the queries since the last one, left-padded with the last ``n_fft - hop`` samples kept from the
+previous update (zeros for a new sequence); a periodic-Hann STFT with ``center=False`` gives one-sided
+magnitudes per frame. Frames that end before the token existed are masked out; the others enter an
+exponential moving average whose per-query coefficient is ``ema`` (a frame weighs ``ema**hop`` relative
+to the next) and the previous state carries over multiplied by ``ema**queries``. All in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import NAMMConfig
+
+TOKEN_BLOCK = 2048  # tokens per STFT block (bounds the frame buffer)
+
+
+def frame_weights(frames: int, start: torch.Tensor, cfg: NAMMConfig) -> torch.Tensor:
+    """``[..., frames]`` EMA weights: ``gamma**(frames-1-f)`` where frame ``f`` ends after the token's
+    first sample ``start`` (in padded-signal coordinates), else 0."""
+    f = torch.arange(frames, device=start.device)
+    ends = f * cfg.hop + cfg.n_fft  # exclusive end sample of each frame
+    gamma = cfg.ema ** cfg.hop
+    w = gamma ** (frames - 1 - f).to(torch.float32)
+    return torch.where(ends > start[..., None], w, torch.zeros((), device=start.device))
+
+
+def update_ema(
+    ema: torch.Tensor,  # [b, h, n, bins] float32
+    tail: torch.Tensor,  # [b, h, n, n_fft - hop] float32
+    rows: torch.Tensor,  # [b, h, t, n] attention rows of the t newest queries (oldest first)
+    first_query: torch.Tensor,  # [b, h, n] index in 0..t-1 of the first query that saw each token (0 if older)
+    cfg: NAMMConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new EMA state and tail after one update with ``t`` queries (``t`` a multiple of ``hop``)."""
+    b, h, t, n = rows.shape
+    if t % cfg.hop:
+        raise ValueError(f"update_ema needs a multiple of hop={cfg.hop} queries, got {t}")
+    pad = cfg.tail
+    frames = (pad + t - cfg.n_fft) // cfg.hop + 1 if pad + t >= cfg.n_fft else 0
+    window = torch.hann_window(cfg.n_fft, periodic=True, dtype=torch.float32, device=rows.device)
+    new_ema = ema * (cfg.ema ** t)
+    new_tail = torch.empty_like(tail)
+    for s in range(0, n, TOKEN_BLOCK):
+        e = min(n, s + TOKEN_BLOCK)
+        signal = torch.cat([tail[:, :, s:e], rows[..., s:e].transpose(2, 3).to(torch.float32)], dim=-1)  # [b,h,c,pad+t]
+        new_tail[:, :, s:e] = signal[..., signal.shape[-1] - pad :]
+        if frames == 0:
+            continue
+        framed = signal.unfold(-1, cfg.n_fft, cfg.hop)  # [b, h, c, frames, n_fft]
+        spec = torch.fft.rfft(framed * window, dim=-1).abs()  # [b, h, c, frames, bins]
+        weights = frame_weights(frames, first_query[:, :, s:e] + pad, cfg)  # [b, h, c, frames]
+        new_ema[:, :, s:e] += torch.einsum("bhcf,bhcfk->bhck", weights, spec)
+    return new_ema, new_tail
+
+
+def recency_features(age: torch.Tensor, cfg: NAMMConfig) -> torch.Tensor:
+    """``[..., recency_dim]`` sin/cos embedding of token age (no cap: any age works)."""
+    half = cfg.recency_dim // 2
+    freqs = torch.exp(-math.log(cfg.recency_base) * torch.arange(half, device=age.device, dtype=torch.float32) * 2 / cfg.recency_dim)
+    angle = age.to(torch.float32)[..., None] * freqs
+    return torch.cat([angle.sin(), angle.cos()], dim=-1)
+
+
+def normalise(ema: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, cfg: NAMMConfig) -> torch.Tensor:
+    return (ema - mean) / torch.sqrt(var + cfg.norm_eps)

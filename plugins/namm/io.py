@@ -1,0 +1,66 @@
+"""NAMM scorer files: ``<path>/scorer.safetensors`` (parameters + normalisation buffers) and
+``<path>/scorer.json`` (format version, feature settings, parameter layout)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tokenmem.errors import TokenmemError
+
+from .config import NAMMConfig
+from .scorer import layout, num_params
+
+FORMAT = "tokenmem-namm-scorer"
+FORMAT_VERSION = 1
+
+
+def save_scorer(namm, path) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = namm.config
+    save_file({"params": namm.params.contiguous().float(), "norm_mean": namm.norm_mean.contiguous().float(),
+               "norm_var": namm.norm_var.contiguous().float()}, str(path / "scorer.safetensors"))
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_dict(),
+            "num_params": num_params(cfg), "layout": [[name, list(shape)] for name, shape in layout(cfg)]}
+    (path / "scorer.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_scorer(path):
+    from .evictor import NAMM
+
+    path = Path(path)
+    meta_file, weights_file = path / "scorer.json", path / "scorer.safetensors"
+    if not meta_file.is_file() or not weights_file.is_file():
+        raise TokenmemError(f"{path} is not a NAMM scorer directory: expected scorer.json and scorer.safetensors")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise TokenmemError(f"{meta_file} is not valid JSON ({exc}); the scorer file is corrupt") from exc
+    if meta.get("format") != FORMAT:
+        raise TokenmemError(f"{meta_file} is not a tokenmem NAMM scorer (format {meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise TokenmemError(
+            f"{meta_file} has format version {meta.get('format_version')}, this tokenmem reads version "
+            f"{FORMAT_VERSION}; upgrade tokenmem or re-save the scorer"
+        )
+    cfg = NAMMConfig.from_dict(meta["config"])
+    expected_layout = [[name, list(shape)] for name, shape in layout(cfg)]
+    if meta.get("layout") != expected_layout:
+        raise TokenmemError(f"{meta_file}: parameter layout {meta.get('layout')} does not match {expected_layout}")
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
+        raise TokenmemError(f"cannot read {weights_file}: {exc}") from exc
+    shapes = {"params": (num_params(cfg),), "norm_mean": (cfg.bins,), "norm_var": (cfg.bins,)}
+    for name, shape in shapes.items():
+        if name not in tensors:
+            raise TokenmemError(f"{weights_file} lacks the tensor {name!r}")
+        if tuple(tensors[name].shape) != shape:
+            raise TokenmemError(
+                f"{weights_file}: {name} has shape {tuple(tensors[name].shape)}, the config needs {shape}"
+            )
+    return NAMM(cfg, tensors["params"], tensors["norm_mean"], tensors["norm_var"])
