@@ -1,0 +1,181 @@
+"""NAMM: features vs a float64 torch.stft reference, blocked BAM vs dense, the keep rule, scorer files."""
+
+import json
+
+import pytest
+import torch
+
+import tokenmem
+from conftest import padded_batch, tiny_model, twin
+from tokenmem.plugins.namm import NAMM, NAMMConfig
+from tokenmem.plugins.namm.features import update_ema
+from tokenmem.plugins.namm.scorer import bam_scores, bam_scores_dense, initial_params, num_params, unflatten
+
+
+def stft_reference(signal, cfg, created):
+    """float64: |STFT| of the whole zero-padded signal [n, T] and the EMA over all its frames."""
+    pad = cfg.n_fft - cfg.hop
+    padded = torch.cat([torch.zeros(signal.shape[0], pad, dtype=torch.float64), signal.double()], dim=1)
+    spec = torch.stft(padded, n_fft=cfg.n_fft, hop_length=cfg.hop, window=torch.hann_window(cfg.n_fft, periodic=True, dtype=torch.float64),
+                      center=False, return_complex=True).abs()  # [n, bins, frames]
+    frames = spec.shape[-1]
+    g = torch.arange(frames)
+    ends = g * cfg.hop + cfg.n_fft
+    weights = (cfg.ema ** cfg.hop) ** (frames - 1 - g).double()
+    valid = ends[None, :] > (created[:, None] + pad)  # frame ends after the token's first sample
+    return (spec * (weights * valid)[:, None, :]).sum(-1)  # [n, bins]
+
+
+def test_spectrogram_ema_three_updates_match_float64_stft():
+    cfg = NAMMConfig(interval=64)
+    t, n, updates = 64, 40, 3
+    g = torch.Generator().manual_seed(0)
+    created = torch.randint(0, updates * t, (n,), generator=g)
+    created[:10] = 0  # some tokens exist from the start
+    signal = torch.rand(n, updates * t, generator=g) + 0.01  # attention values, never zero
+    signal[torch.arange(updates * t)[None, :] < created[:, None]] = 0.0  # a token gets no attention before it exists
+    ema = torch.zeros(1, 1, n, cfg.bins)
+    tail = torch.zeros(1, 1, n, cfg.tail)
+    for u in range(updates):
+        rows = signal[:, u * t : (u + 1) * t].T[None, None].float()  # [1, 1, t, n]
+        first = (created - u * t).clamp(min=0)[None, None]
+        ema, tail = update_ema(ema, tail, rows, first, cfg)
+        # tokens created after this update have no state yet: they appear at the next one
+        ema[0, 0, created >= (u + 1) * t] = 0.0
+        tail[0, 0, created >= (u + 1) * t] = 0.0
+    expected = stft_reference(signal, cfg, created)
+    err = ((ema[0, 0].double() - expected).abs().max() / expected.abs().max()).item()
+    assert err < 1e-6, err
+
+
+@pytest.mark.parametrize("n", [1, 7, 63, 65, 300])
+def test_blocked_bam_equals_dense(n):
+    cfg = NAMMConfig()
+    g = torch.Generator().manual_seed(n)
+    params = unflatten(torch.randn(num_params(cfg), generator=g) * 0.3, cfg)
+    x = torch.randn(3, n, cfg.features, generator=g)
+    valid = torch.ones(3, n, dtype=torch.bool)
+    valid[1, : n // 3] = False  # left padding
+    valid[2, torch.randperm(n, generator=g)[: n // 4]] = False  # holes (masked tokens)
+    ours = bam_scores(x, valid, params, block=16)
+    ref = bam_scores_dense(x, valid, params)
+    live = valid
+    assert ((ours.double() - ref)[live].abs().max() / ref[live].abs().max()).item() < 1e-5
+    assert num_params(cfg) == 4172
+
+
+def test_nonnegative_scorer_keeps_everything_and_matches_dynamic_cache():
+    base = tiny_model("llama")
+    ids, mask = padded_batch(2, 70, seed=1)
+    with torch.no_grad():
+        ref = base.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, output_logits=True,
+                            return_dict_in_generate=True)
+        model = twin(base)
+        memory = tokenmem.TokenMemory(model, NAMM(interval=32))
+        out = model.generate(ids, attention_mask=mask, past_key_values=memory, max_new_tokens=40, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    assert memory.stats()["evictions"] >= 3  # the scorer ran, and kept everything
+    assert torch.equal(ref.sequences, out.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(ref.logits, out.logits)) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_namm_generates_batch2_left_padded(family, dtype):
+    model = tiny_model(family).to(dtype)
+    cfg = NAMMConfig(interval=32)
+    g = torch.Generator().manual_seed(3)
+    params = initial_params(cfg, score=0.0)
+    params[-1 - cfg.features : -1] = torch.randn(cfg.features, generator=g)  # a linear scorer on the features
+    namm = NAMM(cfg, params)
+    memory = tokenmem.TokenMemory(model, namm, budget=48)
+    ids, mask = padded_batch(2, 90, seed=2)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, past_key_values=memory, max_new_tokens=40, do_sample=False)
+    assert out.shape == (2, 130)
+    stats = memory.stats()
+    assert stats["evictions"] > 0 and max(stats["held"]) <= 48 + 32
+    for layer in memory.layers:
+        assert layer.token_state["namm_ema"].dtype == torch.float32
+        assert torch.isfinite(layer.token_state["namm_ema"]).all()
+
+
+class Chooser(tokenmem.Evictor):
+    """A threshold evictor whose decisions differ per head: head 0 keeps even positions, head 1 multiples of 3."""
+
+    name = "chooser"
+    threshold = 0.0
+
+    def score(self, view):
+        pos = view.meta.position
+        keep = torch.stack([pos[:, 0] % 2 == 0, pos[:, 1] % 3 == 0], dim=1)
+        return torch.where(keep, 1.0, -1.0)
+
+    def protect(self, view):
+        return view.newest(1)
+
+
+def test_ragged_per_head_counts_are_masked():
+    model = tiny_model("llama")  # 2 KV heads
+    memory = tokenmem.TokenMemory(model, Chooser(), interval=16, record_stats=True)
+    ids = torch.randint(3, 300, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids, past_key_values=memory, use_cache=True)
+        assert memory.layers[0].evictions == 1
+        model(torch.tensor([[5]]), past_key_values=memory, use_cache=True)  # attends over the ragged cache
+    layer = memory.layers[0]
+    meta = layer.meta
+    for head, rule in ((0, lambda p: p % 2 == 0), (1, lambda p: p % 3 == 0)):
+        pos = meta.position[0, head]
+        attended = meta.valid[0, head]
+        wanted = {p for p in range(48) if rule(p)} | {47, 48}  # + the newest token at eviction, + the new one
+        assert set(pos[attended].tolist()) == wanted
+        assert torch.all(layer.mass[0, head][~attended] == 0)  # masked slots receive no attention
+    assert layer.held == 24 + 1 + 1  # the larger head count (even positions + newest) + the new token
+
+
+def test_scorer_file_round_trip_and_errors(tmp_path):
+    cfg = NAMMConfig(interval=64, hidden=16)
+    namm = NAMM(cfg, torch.randn(num_params(cfg)), torch.rand(cfg.bins), torch.rand(cfg.bins) + 0.5)
+    namm.save(tmp_path / "s")
+    loaded = NAMM.from_file(tmp_path / "s")
+    assert loaded.config == cfg
+    assert torch.equal(loaded.params, namm.params) and torch.equal(loaded.norm_var, namm.norm_var)
+    meta = json.loads((tmp_path / "s" / "scorer.json").read_text())
+    meta["format_version"] = 99
+    (tmp_path / "s" / "scorer.json").write_text(json.dumps(meta))
+    with pytest.raises(tokenmem.TokenmemError, match="format version 99"):
+        NAMM.from_file(tmp_path / "s")
+    namm.save(tmp_path / "t")
+    meta = json.loads((tmp_path / "t" / "scorer.json").read_text())
+    meta["config"]["hidden"] = 32  # the weights were saved for hidden 16
+    meta["layout"] = [[n, list(s)] for n, s in __import__("tokenmem.plugins.namm.scorer", fromlist=["layout"]).layout(NAMMConfig(interval=64))]
+    (tmp_path / "t" / "scorer.json").write_text(json.dumps(meta))
+    with pytest.raises(tokenmem.TokenmemError, match="params has shape"):
+        NAMM.from_file(tmp_path / "t")
+    namm.save(tmp_path / "u")
+    data = (tmp_path / "u" / "scorer.safetensors").read_bytes()
+    (tmp_path / "u" / "scorer.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(tokenmem.TokenmemError, match="cannot read"):
+        NAMM.from_file(tmp_path / "u")
+    with pytest.raises(tokenmem.TokenmemError, match="parameter vector"):
+        NAMM(cfg, torch.randn(10))
+
+
+def test_interval_must_agree_with_the_memory():
+    model = tiny_model("llama")
+    with pytest.raises(tokenmem.TokenmemError, match="interval"):
+        tokenmem.TokenMemory(model, NAMM(interval=64), interval=32)
+    assert tokenmem.TokenMemory(model, NAMM(interval=64)).interval == 64
+
+
+def test_calibration_freezes_feature_statistics():
+    model = tiny_model("llama")
+    namm = NAMM(interval=32)
+    namm.start_calibration()
+    memory = tokenmem.TokenMemory(model, namm)
+    with torch.no_grad():
+        model(torch.randint(3, 300, (1, 130)), past_key_values=memory, use_cache=True)
+    namm.freeze()
+    assert namm.norm_mean.shape == (17,) and torch.all(namm.norm_var > 0)
+    assert not torch.equal(namm.norm_mean, torch.zeros(17))
