@@ -44,7 +44,11 @@ Correctness checks printed with the table: the maximum absolute difference of th
 (must equal the number of queries: every query's softmax row sums to 1).
 
 Load: the machine may be shared. ``/proc/loadavg`` (1-minute) is read before and after every child run
-and shown in the table; the configurations of one context run back to back (and ``--repeat N`` runs
+and shown in the table, with the CPU stall during the timed prefill: the increase of the ``some`` total
+of ``/proc/pressure/cpu`` divided by the prefill's wall time (time during which some task, ours or
+another process's, was runnable but waited for a CPU; near 0 % on an idle machine). The notes also give
+the prefill's process CPU time (user + sys, both threads), and for decode the fastest step and the
+stall during the decode loop; the configurations of one context run back to back (and ``--repeat N`` runs
 the whole sequence N times, alternating the order, and reports the median) so they see similar conditions.
 
 Triton: a child with ``TRITON_INTERPRET=1`` runs ``tokenmem.kernels.triton.attention_with_stats`` on small
@@ -105,6 +109,15 @@ def meminfo(field: str = "MemAvailable") -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/meminfo")
+
+
+def cpu_stall_us() -> int | None:
+    """Total microseconds some task waited for a CPU (``/proc/pressure/cpu``), None without PSI."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().rsplit("total=", 1)[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def proc_status(field: str) -> int:
@@ -180,9 +193,14 @@ def child_main(spec: dict) -> dict:
             cache = make_cache()
             if config_name == "tokenmem":
                 assert model.config._attn_implementation == "tokenmem", model.config._attn_implementation
+            ru0, stall0 = resource.getrusage(resource.RUSAGE_SELF), cpu_stall_us()
             t0 = time.perf_counter()
             out = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra)
             res["prefill_s"] = time.perf_counter() - t0
+            ru1, stall1 = resource.getrusage(resource.RUSAGE_SELF), cpu_stall_us()
+            res["prefill_cpu_s"] = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+            if stall0 is not None and stall1 is not None:
+                res["prefill_stall"] = (stall1 - stall0) / 1e6 / res["prefill_s"]
             res["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             last = out.logits[0, -1].float().clone()
             torch.save(last, spec["logits_path"])
@@ -199,6 +217,7 @@ def child_main(spec: dict) -> dict:
             steps = int(spec.get("decode_steps", 0))
             if steps:
                 times = []
+                stall0, loop0 = cpu_stall_us(), time.perf_counter()
                 for i in range(int(spec["decode_warmup"]) + steps):
                     t0 = time.perf_counter()
                     out = model(input_ids=next_tok, past_key_values=cache, use_cache=True)
@@ -207,6 +226,10 @@ def child_main(spec: dict) -> dict:
                     if i >= int(spec["decode_warmup"]):
                         times.append(dt)
                 res["decode_ms"] = statistics.median(times) * 1e3
+                res["decode_min_ms"] = min(times) * 1e3
+                stall1 = cpu_stall_us()
+                if stall0 is not None and stall1 is not None:
+                    res["decode_stall"] = (stall1 - stall0) / 1e6 / (time.perf_counter() - loop0)
                 res["decode_ms_all"] = [round(t * 1e3, 2) for t in times]
                 res["maxrss_after_decode_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except (MemoryError, RuntimeError) as exc:  # RLIMIT_AS turns a real OOM into one of these
@@ -344,7 +367,7 @@ def build_report(args, results: dict, available: int, started: str, triton_lines
         f"(after {args.decode_warmup} untimed) at {args.decode_context} context.",
         "",
         "| context | configuration | prefill s | × (a) | peak RSS MiB | × (a) | RSS after build MiB | "
-        "peak − build MiB | × (a) | decode ms/token | × (a) | load 1m before→after | notes |",
+        "peak − build MiB | × (a) | decode ms/token | × (a) | load 1m before→after, CPU stall | notes |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for ctx in args.contexts:
@@ -369,6 +392,12 @@ def build_report(args, results: dict, available: int, started: str, triton_lines
                              f"{fmt(r.get('rss_built_mib'), '.0f')} | | | | | {load_txt} | {'; '.join(notes)} |")
                 continue
             inc = r["maxrss_mib"] - r["rss_built_mib"]
+            if r.get("prefill_stall") is not None:
+                load_txt += f", stall {100 * r['prefill_stall']:.0f}%"
+            if r.get("prefill_cpu_s") is not None:
+                notes.append(f"prefill CPU {r['prefill_cpu_s']:.1f} s")
+            if r.get("decode_min_ms") is not None:
+                notes.append(f"decode min {r['decode_min_ms']:.1f} ms, stall {100 * r.get('decode_stall', 0):.0f}%")
             if r.get("logit_diff") is not None:
                 notes.append(f"max|Δlogit| vs (a) {r['logit_diff']:.1e}")
             if r.get("mass_sum_per_head") is not None:
@@ -471,10 +500,6 @@ def main(argv=None) -> None:
                 log(f"{ctx} {name} (repeat {rep + 1}/{args.repeat}): starting, load {loadavg():.2f}, "
                     f"MemAvailable {available / GIB:.1f} GiB")
                 res = run_child(spec, args.timeout)
-                if res.get("status") == "ok" and os.path.exists(spec["logits_path"]):
-                    import torch
-
-                    res["logits"] = spec["logits_path"]
                 log(f"{ctx} {name}: {res.get('status')} prefill {fmt(res.get('prefill_s'))} s, peak RSS "
                     f"{fmt(res.get('maxrss_mib'), '.0f')} MiB (built {fmt(res.get('rss_built_mib'), '.0f')}), decode "
                     f"{fmt(res.get('decode_ms'), '.1f')} ms, load {res['load'][0]:.2f}->{res['load'][1]:.2f}"

@@ -162,11 +162,10 @@ def test_scorer_file_round_trip_and_errors(tmp_path):
         NAMM(cfg, torch.randn(10))
 
 
-def test_interval_must_agree_with_the_memory():
+def test_memory_interval_defaults_to_the_namm_interval():
     model = tiny_model("llama")
-    with pytest.raises(tokenmem.TokenmemError, match="interval"):
-        tokenmem.TokenMemory(model, NAMM(interval=64), interval=32)
     assert tokenmem.TokenMemory(model, NAMM(interval=64)).interval == 64
+    assert tokenmem.TokenMemory(model, NAMM(interval=64), interval=32).interval == 32
 
 
 def test_calibration_freezes_feature_statistics():
@@ -179,3 +178,29 @@ def test_calibration_freezes_feature_statistics():
     namm.freeze()
     assert namm.norm_mean.shape == (17,) and torch.all(namm.norm_var > 0)
     assert not torch.equal(namm.norm_mean, torch.zeros(17))
+
+
+def test_streamed_ema_in_memory_equals_batch_stft_of_eager_attention():
+    """The whole chain: kernel rows -> memory row window (long calls split) -> NAMM.observe frame by
+    frame == float64 torch.stft over each token's eager attention column."""
+    eager = tiny_model("llama", attn="eager")
+    ours = twin(eager)
+    cfg = NAMMConfig(interval=64)
+    memory = tokenmem.TokenMemory(ours, NAMM(cfg))  # initial scorer: keeps everything
+    ids = torch.randint(3, 300, (1, 150), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ours(ids[:, :70], past_key_values=memory, use_cache=True)  # one long call (split into hops inside)
+        for i in range(70, 150):
+            ours(ids[:, i : i + 1], past_key_values=memory, use_cache=True)
+        attn = eager(ids, output_attentions=True).attentions
+    frames_queries = 150 - 150 % cfg.hop
+    for layer_idx, weights in enumerate(attn):  # [1, hq, 150, 150]
+        cols = weights[0].reshape(2, 2, 150, 150).mean(1)  # [hkv, queries, keys], mean over the group
+        layer = memory.layers[layer_idx]
+        assert layer.held == 150
+        ema = layer.token_state["namm_ema"][0]  # [hkv, n, bins]
+        for head in range(2):
+            signal = cols[head, :frames_queries, :].T  # [keys, queries]
+            expected = stft_reference(signal, cfg, torch.arange(150))
+            err = ((ema[head].double() - expected).abs().max() / expected.abs().max()).item()
+            assert err < 1e-5, (layer_idx, head, err)

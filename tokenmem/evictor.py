@@ -35,6 +35,11 @@ class LayerView:
     new_tokens: int  # tokens appended by the latest call
     rows: torch.Tensor | None = None  # [b, h, r, n] float32: attention rows of the newest r queries (oldest first)
     extras: dict = field(default_factory=dict)
+    _layer: object = field(default=None, repr=False)
+
+    def consume_rows(self, count: int) -> None:
+        """Tell the memory the ``count`` oldest rows in :attr:`rows` are folded into the evictor's state."""
+        self._layer.consume_rows(count)
 
     @property
     def num_tokens(self) -> int:
@@ -68,8 +73,10 @@ class Evictor:
     #: scoring ``>= threshold`` (plus protected ones; the budget, if any, caps the count by top score).
     #: Heads and rows may keep different counts; see :meth:`tokenmem.TokenMemory.evict_layer`.
     threshold: float | None = None
-    #: > 0 when the evictor reads the attention rows of the newest queries (``view.rows``): the memory
-    #: keeps the rows of up to this many queries since the last eviction.
+    #: > 0 when the evictor reads the attention rows of the queries (``view.rows``, GQA: mean over each
+    #: KV head's query group): the memory keeps up to this many rows not yet consumed, calls
+    #: :meth:`observe` whenever the window fills (splitting long calls), and the evictor consumes rows
+    #: with ``view.consume_rows(k)``. Every query's row reaches the evictor exactly once.
     stats_window: int = 0
 
     def state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

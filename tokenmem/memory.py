@@ -76,7 +76,7 @@ class MemoryLayer(CacheLayerMixin):
         self.pending = 0  # appended tokens whose metadata the attention call has not written yet
         self.mass: torch.Tensor | None = None  # [b, h, held] latest attention mass
         self.rows: torch.Tensor | None = None  # [b, h, window, capacity] attention rows of recent queries
-        self.row_count = 0  # rows of queries since the last eviction, ``rows[:, :, :row_count]`` (newest last)
+        self.row_count = 0  # rows not yet consumed by the evictor, ``rows[:, :, :row_count]`` (newest last)
         self.evictions = 0
 
     # -- tensors ----------------------------------------------------------------------------------
@@ -123,9 +123,18 @@ class MemoryLayer(CacheLayerMixin):
         out = [t for t in (self._k, self._v, self._meta, self.mass, self.rows) if t is not None]
         return out + list(self.state.values())
 
+    def consume_rows(self, count: int) -> None:
+        """Drop the ``count`` oldest rows of the window (the evictor has folded them into its state)."""
+        if not 0 <= count <= self.row_count:
+            raise TokenmemError(f"cannot consume {count} rows: the window holds {self.row_count}")
+        left = self.row_count - count
+        if left and count:
+            self.rows[:, :, :left, : self.held] = self.rows[:, :, count : self.row_count, : self.held].clone()
+        self.row_count = left
+
     @property
     def recent_rows(self) -> torch.Tensor | None:
-        """``[b, h, r, held]``: attention rows of the ``r`` newest queries since the last eviction."""
+        """``[b, h, r, held]``: attention rows of the ``r`` newest queries not yet consumed by the evictor."""
         if self.rows is None:
             return None
         return self.rows[:, :, : self.row_count, : self.held]
@@ -309,12 +318,6 @@ class TokenMemory(Cache):
             )
         if interval is None:
             interval = getattr(self.evictor, "default_interval", DEFAULT_INTERVAL)
-        window = getattr(self.evictor, "stats_window", 0)
-        if self.evictor.threshold is not None and window and window != interval:
-            raise TokenmemError(
-                f"evictor {self.evictor.name!r} updates from the attention of its last {window} queries but the memory "
-                f"interval is {interval}; use TokenMemory(..., interval={window}) or configure the evictor for {interval}"
-            )
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise TokenmemError(f"interval must be a positive int (new tokens between evictions), got {interval!r}")
         if positions not in POSITION_MODES:
@@ -489,33 +492,50 @@ class TokenMemory(Cache):
             key_valid = (layer._meta[:, :, :n, FLAGS] & PAD) == 0  # [b, h, n]
             query_valid = (chunk[:, 0, :, FLAGS] & PAD) == 0  # [b, q]
         need_mass = self.record_stats or self.evictor.needs_stats
-        rows = self._rows_for(layer, q) if layer.rows is not None else None
-        out, mass = kernels.attention_with_stats(
-            query, layer.keys, layer.values, scaling=scaling, causal=causal,
-            key_valid=key_valid, query_valid=query_valid, need_mass=need_mass, rows=rows, dropout=dropout,
-        )
-        layer.mass = mass
-        if rows is not None:
-            layer.row_count += rows.shape[2]
-        if self.evictor.needs_stats or rows is not None:
-            self.evictor.observe(self._view(layer, self.budget_tokens(layer.seen) or n, q))
+        if layer.rows is None:
+            out, mass = kernels.attention_with_stats(
+                query, layer.keys, layer.values, scaling=scaling, causal=causal,
+                key_valid=key_valid, query_valid=query_valid, need_mass=need_mass, dropout=dropout,
+            )
+            layer.mass = mass
+            if self.evictor.needs_stats:
+                self.evictor.observe(self._view(layer, self.budget_tokens(layer.seen) or n, q))
+        else:
+            out = self._attend_with_rows(layer, query, q, scaling, causal, key_valid, query_valid, need_mass, dropout)
         self._maybe_evict(layer, q)
         return out
 
-    def _rows_for(self, layer: MemoryLayer, q: int) -> torch.Tensor:
-        """The slice of ``layer.rows`` the kernel writes this call's newest rows into (oldest rows dropped
-        when more than ``window`` queries arrived since the last eviction)."""
-        w, n = layer.rows.shape[2], layer.held
-        r = min(q, w)
-        if layer.row_count + r > w:
-            keep = max(0, w - r)
-            drop = layer.row_count - keep
-            if keep:
-                layer.rows[:, :, :keep, :n] = layer.rows[:, :, drop : layer.row_count, :n].clone()
-            layer.row_count = keep
+    def _attend_with_rows(self, layer, query, q, scaling, causal, key_valid, query_valid, need_mass, dropout):
+        """Attention for evictors that read attention rows (``stats_window`` > 0): the call's queries are
+        processed in sub-chunks that fill the rows window exactly, and the evictor observes (and may
+        consume) the rows after each sub-chunk, so every query's row reaches it whatever the call size."""
+        n, w = layer.held, layer.rows.shape[2]
+        outs = []
+        mass = torch.zeros(layer._k.shape[0], layer._k.shape[1], n, device=query.device) if need_mass else None
         if layer.row_count:  # earlier queries did not see the keys appended by this call
             layer.rows[:, :, : layer.row_count, n - q : n] = 0
-        return layer.rows[:, :, layer.row_count : layer.row_count + r, :n]
+        s = 0
+        while s < q:
+            if layer.row_count == w:  # rows nobody consumed: a sliding window of the newest w queries
+                layer.consume_rows(min(w, q - s))
+            c = min(q - s, w - layer.row_count)
+            limit = n - q + s + c  # keys visible to this sub-chunk (causal by slot)
+            rows = layer.rows[:, :, layer.row_count : layer.row_count + c, :limit]
+            layer.rows[:, :, layer.row_count : layer.row_count + c, limit:n] = 0
+            out, part = kernels.attention_with_stats(
+                query[:, :, s : s + c], layer._k[:, :, :limit], layer._v[:, :, :limit], scaling=scaling,
+                causal=causal, key_valid=None if key_valid is None else key_valid[..., :limit],
+                query_valid=None if query_valid is None else query_valid[:, s : s + c],
+                need_mass=need_mass, rows=rows, dropout=dropout,
+            )
+            outs.append(out)
+            if mass is not None:
+                mass[..., :limit] += part
+            layer.row_count += c
+            layer.mass = mass
+            self.evictor.observe(self._view(layer, self.budget_tokens(layer.seen) or n, c))
+            s += c
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _shift_new_tokens(self, layer: MemoryLayer, query: torch.Tensor, q: int) -> torch.Tensor:
         """``shift`` mode: new tokens take the cache slots' positions; rotate their keys and queries."""
@@ -540,6 +560,7 @@ class TokenMemory(Cache):
             state=layer.token_state,
             mass=layer.mass,
             rows=layer.recent_rows,
+            _layer=layer,
             seen=layer.seen,
             budget=budget,
             new_tokens=new_tokens,
@@ -596,7 +617,6 @@ class TokenMemory(Cache):
         if self.positions == "shift" and self.context.inv_freq is not None:
             self._reposition(layer)
         layer.since_evict = 0
-        layer.row_count = 0  # the rows since the last eviction were read by it
         layer.evictions += 1
 
     def _reposition(self, layer: MemoryLayer) -> None:

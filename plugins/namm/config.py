@@ -19,7 +19,7 @@ class NAMMConfig:
     hidden: int = 32  # BAM attention width
     threshold: float = 0.0  # keep tokens scoring >= threshold
     norm_eps: float = 1e-6
-    block: int = 256  # BAM block size (tokens): no n x n buffer
+    block: int = 1024  # BAM block size (tokens): no n x n buffer
 
     def __post_init__(self):
         if self.n_fft <= self.hop or self.hop <= 0:

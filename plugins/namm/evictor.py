@@ -1,10 +1,11 @@
 """The NAMM evictor: features -> BAM scorer -> keep tokens scoring >= 0.
 
+Continuously, every ``hop`` queries, the attention rows of those queries (the memory's row window;
+GQA: mean over each KV head's query group) extend every token's EMA spectrogram by one STFT frame
+(:mod:`.features`), stored as per-token evictor state that the memory compacts with the token.
 Per update (every ``interval`` tokens, which the memory runs as an eviction):
 
-1. the attention rows of the queries since the last update (the memory keeps them; GQA: mean over
-   each KV head's query group) extend every token's EMA spectrogram (:mod:`.features`), stored as
-   per-token evictor state that the memory compacts with the token;
+1. (the EMA is up to date: every completed frame was folded in as it arrived);
 2. features = ``[recency(age), normalised EMA]`` (25 values by default);
 3. the BAM network scores every token of every (layer, KV head) with one shared parameter vector;
 4. the memory keeps tokens scoring ``>= threshold`` (0) plus the newest token; heads and batch rows
@@ -44,7 +45,7 @@ class NAMM(Evictor):
         self.norm_mean = torch.zeros(cfg.bins) if norm_mean is None else torch.as_tensor(norm_mean, dtype=torch.float32)
         self.norm_var = torch.ones(cfg.bins) if norm_var is None else torch.as_tensor(norm_var, dtype=torch.float32)
         self.threshold = cfg.threshold
-        self.stats_window = cfg.interval
+        self.stats_window = cfg.hop  # rows are folded into the EMA one hop at a time (see observe)
         self.default_interval = cfg.interval
         self.calibrating = False
         self._calib = None  # running (count, mean, M2) per bin while calibrating
@@ -99,27 +100,38 @@ class NAMM(Evictor):
     def protect(self, view: LayerView) -> torch.Tensor:
         return view.newest(1)
 
-    def features(self, view: LayerView) -> torch.Tensor:
-        """Update the EMA state from the window rows and return features ``[b, h, n, features]``."""
+    def observe(self, view: LayerView) -> None:
+        """Fold every complete hop of attention rows into the EMA spectrogram (one STFT frame per hop).
+
+        Streaming frame by frame gives exactly the batch definition (STFT over the queries since the
+        last update, left-padded with the previous ``n_fft - hop`` samples, frames that end before a
+        token existed masked, EMA ``ema**hop`` per frame): a token absent when a frame completes was not
+        yet stored, and its state and tail start at zero. The memory only keeps ``hop`` rows per layer.
+        """
         cfg = self.config
         rows = view.rows
-        ema, tail = view.state["namm_ema"], view.state["namm_tail"]
-        positions = view.meta.position
-        newest = positions.amax(dim=-1, keepdim=True)  # [b, h, 1]
-        if rows is not None and rows.shape[2] >= cfg.hop:
-            t = rows.shape[2] - rows.shape[2] % cfg.hop  # whole hops only (drops the oldest rows if needed)
-            rows = rows[:, :, rows.shape[2] - t :]
-            first_query = (positions - (newest - t + 1)).clamp(min=0)  # [b, h, n]
-            new_ema, new_tail = update_ema(ema, tail, rows, first_query, cfg)
+        done = 0
+        while rows is not None and rows.shape[2] - done >= cfg.hop:
+            ema, tail = view.state["namm_ema"], view.state["namm_tail"]
+            first = torch.zeros(ema.shape[:3], dtype=torch.long, device=ema.device)
+            new_ema, new_tail = update_ema(ema, tail, rows[:, :, done : done + cfg.hop], first, cfg)
             ema.copy_(new_ema)
             tail.copy_(new_tail)
-        valid = view.meta.valid
+            done += cfg.hop
+        if done:
+            view.consume_rows(done)
+
+    def features(self, view: LayerView) -> torch.Tensor:
+        """Features ``[b, h, n, recency_dim + bins]``: recency embedding of the age, normalised EMA."""
+        cfg = self.config
+        ema = view.state["namm_ema"]
+        positions = view.meta.position
+        newest = positions.amax(dim=-1, keepdim=True)  # [b, h, 1]
         if self.calibrating:
-            self._accumulate(ema, valid)
+            self._accumulate(ema, view.meta.valid)
         age = newest - positions
-        x = torch.cat([recency_features(age, cfg),
-                       normalise(ema, self.norm_mean.to(ema.device), self.norm_var.to(ema.device), cfg)], dim=-1)
-        return x
+        return torch.cat([recency_features(age, cfg),
+                          normalise(ema, self.norm_mean.to(ema.device), self.norm_var.to(ema.device), cfg)], dim=-1)
 
     def score(self, view: LayerView) -> torch.Tensor:
         x = self.features(view)
