@@ -82,10 +82,6 @@ def test_eviction_invariants(seed, budget, interval, chunks, batch, heads, prote
     start = 0
     pad_rows = {row: min(pad * row, chunks[0] - 1) for row in range(1, batch)} if pad else {}
     for q_len in chunks:
-        prev = None
-        layer = memory.layers[0] if memory.layers else None
-        if layer is not None and layer.held:
-            prev = layer.meta.position.clone()
         _step(memory, 0, q_len, batch, heads, d, start, pad_rows)
         start += q_len
         layer = memory.layers[0]

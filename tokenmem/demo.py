@@ -63,7 +63,7 @@ def run(model_path: str | None = None, max_new_tokens: int = 48) -> int:
           f"{'random weights: the text is meaningless, the memory is the point' if model_path is None else 'local'})")
     print(f"prompt: source of the stdlib module `{PROMPT_MODULE}` ({n_prompt} tokens), {max_new_tokens} new tokens")
     budget = 256
-    print(f"\n| evictor | budget | held/layer | KV MiB | ms/token | separators among kept | first kept positions |")
+    print("\n| evictor | budget | held/layer | KV MiB | ms/token | separators among kept | first kept positions |")
     print("|---|---|---|---|---|---|---|")
     for evictor in ("full", "recent", "sink", "separator", "h2o"):
         b = None if evictor == "full" else budget

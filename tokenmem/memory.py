@@ -14,13 +14,14 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from . import kernels
-from .attention import ModelContext, _set_pending, prepare_model
+from .attention import ModelContext, prepare_model
+from .layer import MemoryLayer, select_kept
 from .errors import BudgetError, MemoryStateError, TokenmemError
 from .evictor import Evictor, LayerView, get_evictor
-from .meta import FIELDS, FLAGS, PAD, POSITION, PROTECT, ROPE, SEPARATOR, TOKEN, TokenMeta
+from .meta import FIELDS, FLAGS, PAD, POSITION, ROPE, SEPARATOR, TOKEN, TokenMeta
 from .rope import rotate_by
 
 POSITION_MODES = ("original", "shift")
@@ -46,232 +47,6 @@ def validate_budget(budget) -> int | float | None:
     if budget <= 0:
         raise BudgetError(f"budget must be a positive number of tokens, got {budget}; e.g. budget=256 or budget=0.25")
     return int(budget)
-
-
-def select_kept(scores: torch.Tensor, protect: torch.Tensor, valid: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices ``[b, h, keep]`` (ascending) of the tokens to keep: protected first, then highest score;
-    padding last. ``scores``/``protect``/``valid`` are ``[b, h, n]``."""
-    key = torch.where(valid, scores.to(torch.float32), float("-inf"))
-    key = torch.where(protect, float("inf"), key)
-    index = torch.topk(key, keep, dim=-1, sorted=False).indices
-    return torch.sort(index, dim=-1).values
-
-
-class MemoryLayer(CacheLayerMixin):
-    """One layer of a :class:`TokenMemory` (transformers v5 cache-layer API)."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
-
-    def __init__(self, memory: "TokenMemory", index: int):
-        self.memory = memory
-        self.index = index
-        self.is_initialized = False
-        self._k = self._v = self._meta = None
-        self.state: dict[str, torch.Tensor] = {}
-        self.held = 0  # live slots
-        self.seen = 0  # tokens appended ever
-        self.since_evict = 0
-        self.pending = 0  # appended tokens whose metadata the attention call has not written yet
-        self.mass: torch.Tensor | None = None  # [b, h, held] latest attention mass
-        self.rows: torch.Tensor | None = None  # [b, h, window, capacity] attention rows of recent queries
-        self.row_count = 0  # rows not yet consumed by the evictor, ``rows[:, :, :row_count]`` (newest last)
-        self.evictions = 0
-
-    # -- tensors ----------------------------------------------------------------------------------
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return None if self._k is None else self._k[:, :, : self.held]
-
-    @keys.setter
-    def keys(self, value):  # transformers' generic helpers assign; we only accept our own views
-        if value is not None:
-            raise MemoryStateError("TokenMemory layers cannot be assigned keys directly; use update()")
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return None if self._v is None else self._v[:, :, : self.held]
-
-    @values.setter
-    def values(self, value):
-        if value is not None:
-            raise MemoryStateError("TokenMemory layers cannot be assigned values directly; use update()")
-
-    @property
-    def packed_meta(self) -> torch.Tensor:
-        return self._meta[:, :, : self.held]
-
-    @property
-    def meta(self) -> TokenMeta:
-        return TokenMeta.from_packed(self.packed_meta)
-
-    @property
-    def token_state(self) -> dict[str, torch.Tensor]:
-        """The evictor's per-token state of the held tokens, ``name -> [b, h, held, ...]`` (views)."""
-        return {name: tensor[:, :, : self.held] for name, tensor in self.state.items()}
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self._k is None else self._k.shape[2]
-
-    @property
-    def batch_size(self) -> int:
-        return self._k.shape[0] if self._k is not None else -1
-
-    def buffers(self) -> list[torch.Tensor]:
-        out = [t for t in (self._k, self._v, self._meta, self.mass, self.rows) if t is not None]
-        return out + list(self.state.values())
-
-    def consume_rows(self, count: int) -> None:
-        """Drop the ``count`` oldest rows of the window (the evictor has folded them into its state)."""
-        if not 0 <= count <= self.row_count:
-            raise TokenmemError(f"cannot consume {count} rows: the window holds {self.row_count}")
-        left = self.row_count - count
-        if left and count:
-            self.rows[:, :, :left, : self.held] = self.rows[:, :, count : self.row_count, : self.held].clone()
-        self.row_count = left
-
-    @property
-    def recent_rows(self) -> torch.Tensor | None:
-        """``[b, h, r, held]``: attention rows of the ``r`` newest queries not yet consumed by the evictor."""
-        if self.rows is None:
-            return None
-        return self.rows[:, :, : self.row_count, : self.held]
-
-    # -- CacheLayerMixin --------------------------------------------------------------------------
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
-
-    def _allocate(self, like_k, like_v, capacity: int) -> None:
-        b, h = like_k.shape[:2]
-        old = (self._k, self._v, self._meta, self.state)
-        self._k = like_k.new_empty(b, h, capacity, like_k.shape[-1])
-        self._v = like_v.new_empty(b, h, capacity, like_v.shape[-1])
-        self._meta = torch.empty(b, h, capacity, FIELDS, dtype=torch.long, device=like_k.device)
-        spec = self.memory.evictor.state_spec()
-        self.state = {
-            name: torch.zeros(b, h, capacity, *shape, dtype=dtype, device=like_k.device)
-            for name, (shape, dtype) in spec.items()
-        }
-        window = self.memory.evictor.stats_window
-        old_rows = self.rows
-        if window > 0:
-            self.rows = torch.zeros(b, h, window, capacity, dtype=torch.float32, device=like_k.device)
-            if old_rows is not None and self.held:
-                self.rows[..., : self.held] = old_rows[..., : self.held]
-        if old[0] is not None and self.held:
-            n = self.held
-            self._k[:, :, :n] = old[0][:, :, :n]
-            self._v[:, :, :n] = old[1][:, :, :n]
-            self._meta[:, :, :n] = old[2][:, :, :n]
-            for name, tensor in old[3].items():
-                self.state[name][:, :, :n] = tensor[:, :, :n]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.memory.context is not None:
-            self.memory.context.check_attention()
-        if self.pending:
-            raise TokenmemError(
-                f"layer {self.index} received new keys before its previous attention call ran through the tokenmem "
-                "attention; the model's attention is not 'tokenmem' (was attn_implementation changed after the "
-                "TokenMemory was created?). Create the TokenMemory with the model so it can prepare it"
-            )
-        b, h, q = key_states.shape[0], key_states.shape[1], key_states.shape[2]
-        if self._k is not None and self.seen and (b != self._k.shape[0] or h != self._k.shape[1]):
-            raise MemoryStateError(
-                f"this TokenMemory holds {self._k.shape[0]} sequence(s) x {self._k.shape[1]} KV heads "
-                f"({self.seen} tokens seen) but received a batch of {b} x {h}: a memory belongs to one prompt batch. "
-                "Create a new TokenMemory (or call memory.reset()) for a new batch"
-            )
-        needed = self.held + q
-        if self._k is None or needed > self.capacity:
-            # grow by 1.25x (amortised O(1) appends without doubling the memory of a long context)
-            grow = max(needed + 16, self.capacity + self.capacity // 4 + 64)
-            self._allocate(key_states, value_states, grow)
-        n = self.held
-        self._k[:, :, n:needed] = key_states
-        self._v[:, :, n:needed] = value_states
-        for tensor in self.state.values():
-            tensor[:, :, n:needed] = 0
-        self.held = needed
-        self.seen += q
-        self.since_evict += q
-        self.pending = q
-        keys = self._k[:, :, :needed]
-        _set_pending(self.memory, self.index, keys)
-        return keys, self._v[:, :, :needed]
-
-    def get_seq_length(self) -> int:
-        # Tokens *seen*, not held: models derive position ids and generate slices inputs from this.
-        return self.seen
-
-    def get_mask_sizes(self, query_length) -> tuple[int, int]:
-        q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
-        return self.seen + q, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self) -> int:  # the same, under its transformers 5.2 name
-        return -1
-
-    def reset(self) -> None:
-        self.__init__(self.memory, self.index)
-
-    def _select_batch(self, index: torch.Tensor) -> None:
-        if self._k is None:
-            return
-        index = index.to(self._k.device)
-        self._k, self._v, self._meta = self._k[index], self._v[index], self._meta[index]
-        self.state = {k: v[index] for k, v in self.state.items()}
-        if self.mass is not None:
-            self.mass = self.mass[index]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_batch(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_batch(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self._k is not None:
-            self._select_batch(torch.arange(self._k.shape[0]).repeat_interleave(repeats))
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise MemoryStateError("a TokenMemory cannot be cropped (evicted tokens cannot be restored); "
-                               "use a DynamicCache for assisted/speculative decoding")
-
-    def offload(self):
-        if self._k is not None:
-            self._move("cpu")
-
-    def prefetch(self):
-        if self._k is not None and self._k.device != self.device:
-            self._move(self.device)
-
-    def _move(self, device) -> None:
-        self._k, self._v, self._meta = self._k.to(device), self._v.to(device), self._meta.to(device)
-        self.state = {k: v.to(device) for k, v in self.state.items()}
-
-    # -- eviction ---------------------------------------------------------------------------------
-    def compact(self, index: torch.Tensor) -> None:
-        """Keep the slots ``index [b, h, k]`` (ascending) of keys, values, metadata, state and mass."""
-        n, k = self.held, index.shape[-1]
-        kernels.compact_([self._k, self._v, self._meta, *self.state.values()], index)
-        if self.mass is not None and self.mass.shape[-1] == n:
-            self.mass = kernels.gather_tokens(self.mass, index)
-        if self.rows is not None and self.row_count:  # rows follow their keys (dim 3)
-            live = self.rows[:, :, : self.row_count, :n]
-            idx = index[:, :, None, :].expand(-1, -1, self.row_count, -1)
-            self.rows[:, :, : self.row_count, :k] = torch.gather(live, 3, idx)
-        self.held = k
-        slack = max(self.memory.interval, 1)
-        if self.capacity > 2 * (k + slack) and self.capacity > 64:  # give back what a long prefill took
-            self._allocate(self._k, self._v, k + slack)
 
 
 class TokenMemory(Cache):
@@ -438,7 +213,7 @@ class TokenMemory(Cache):
         meta[..., POSITION] = torch.arange(start, start + q, device=device)
         if self._annotation is not None:
             ann = self._annotation
-            if tuple(ann.position.shape[-2:]) != (b, q) and tuple(ann.position.shape) != (b, q):
+            if tuple(ann.position.shape) != (b, q):
                 raise TokenmemError(
                     f"memory.annotate() got metadata for {tuple(ann.position.shape)} tokens but the forward call "
                     f"appends {b} x {q}; annotate exactly the tokens of the next call"

@@ -42,8 +42,7 @@ def attention_with_stats(
     """Same contract as :func:`tokenmem.kernels.reference.attention_with_stats`."""
     if mask is not None or dropout > 0.0:
         raise TokenmemError("the cpu backend takes no extra mask or dropout; the dispatcher routes those to reference")
-    b, hq, q, d = query.shape
-    hkv, n = key.shape[1], key.shape[2]
+    q = query.shape[2]
     if q == 1:
         return _decode(query, key, value, scaling, key_valid, query_valid, need_mass, rows)
     if key_valid is None:
@@ -62,7 +61,7 @@ def attention_with_stats(
 # -- decode -----------------------------------------------------------------------------------
 def _decode(query, key, value, scaling, key_valid, query_valid, need_mass, rows):
     b, hq, _, d = query.shape
-    hkv, n, dv = key.shape[1], key.shape[2], value.shape[-1]
+    hkv, dv = key.shape[1], value.shape[-1]
     g = hq // hkv
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     qg = query.reshape(b, hkv, g, d).to(compute)
@@ -88,7 +87,7 @@ def _decode(query, key, value, scaling, key_valid, query_valid, need_mass, rows)
 # -- pass 1 -----------------------------------------------------------------------------------
 def _flash(query, key, value, scaling, causal):
     """Output and LSE ``[b, hq, q]`` through PyTorch's fused CPU flash-attention kernel."""
-    b, hq, q, d = query.shape
+    hq, q = query.shape[1], query.shape[2]
     hkv, n = key.shape[1], key.shape[2]
     g = hq // hkv
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
