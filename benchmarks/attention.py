@@ -399,7 +399,7 @@ def build_report(args, results: dict, available: int, started: str, triton_lines
             if r.get("decode_min_ms") is not None:
                 notes.append(f"decode min {r['decode_min_ms']:.1f} ms, stall {100 * r.get('decode_stall', 0):.0f}%")
             if r.get("logit_diff") is not None:
-                notes.append(f"max|Δlogit| vs (a) {r['logit_diff']:.1e}")
+                notes.append(f"max abs Δlogit vs (a) {r['logit_diff']:.1e}")
             if r.get("mass_sum_per_head") is not None:
                 m = r["mass_sum_per_head"]
                 notes.append(f"layer-0 mass/q {min(m):.4f}..{max(m):.4f}")

@@ -28,11 +28,11 @@ steps for the budgeted memories) and the minimum.
 
 On a shared machine another process competing for the cores slows a decode step by a large factor
 (the two OpenMP threads wait for each other). The benchmark therefore watches the Linux CPU pressure
-(``/proc/pressure/cpu``): a round during which some task waited for a CPU for more than ``--max-stall``
-of the round's time is not recorded and decoding continues with another round, until ``--steps``
-rounds are recorded or ``--patience`` seconds have passed (then every round counts, and the report
-says so). Discarded rounds still decode tokens, so the caches grow a little beyond
-``context + warmup + steps``; the "held tokens/layer" column shows the final size.
+(``/proc/pressure/cpu``): a step during which some task waited for a CPU for more than ``--max-stall``
+of the step's time is not recorded, and the rounds go on until every setup has ``--steps`` recorded
+steps or ``--patience`` seconds have passed (then contended steps count too, and the report says so).
+Unrecorded steps still decode tokens, so the caches grow beyond ``context + warmup + steps``; the
+"held tokens/layer" column shows the final size.
 
 KV bytes are read after the last step: for the DynamicCache the sum of ``keys.nbytes + values.nbytes``
 over layers; for a TokenMemory ``memory.stats()["kv_bytes"]`` (held keys and values), and
@@ -216,11 +216,11 @@ def cpu_stall_us() -> int | None:
 def run_context(setups: list[Setup], context: int, args, vocab: int) -> dict:
     """Prefill and time all setups at one context; returns what the machine did meanwhile.
 
-    Decode runs in rounds (interleaved: one step of every setup, order rotated each round;
-    ``--sequential``: one step of one setup). A round during which some task waited for a CPU for more
-    than ``--max-stall`` of its wall time (Linux CPU pressure, i.e. another process competed for the
-    cores) is not recorded and is run again, until ``--steps`` clean rounds are recorded or ``--patience``
-    seconds have passed; after that every round is recorded (and the report says so).
+    Decode runs in rounds (interleaved: one step of every setup, the order rotated each round;
+    ``--sequential``: the steps of one setup after another). A step during which some task waited for a
+    CPU for more than ``--max-stall`` of its wall time (Linux CPU pressure: another process competed for
+    the cores) is not recorded; rounds continue until every setup has ``--steps`` recorded steps, or
+    ``--patience`` seconds have passed, after which contended steps are recorded too (the report says so).
     """
     gen = torch.Generator().manual_seed(1000 + context)
     ids = torch.randint(0, vocab, (1, context), generator=gen)
@@ -231,7 +231,7 @@ def run_context(setups: list[Setup], context: int, args, vocab: int) -> dict:
     def rounds():
         if args.sequential:
             for s in setups:
-                for i in range(args.warmup):
+                for _ in range(args.warmup):
                     yield [s], False
                 while len(s.times) < args.steps:
                     yield [s], True
@@ -240,47 +240,46 @@ def run_context(setups: list[Setup], context: int, args, vocab: int) -> dict:
             for i in range(args.warmup):
                 yield setups[i % n :] + setups[: i % n], False
             i = args.warmup
-            while len(setups[0].times) < args.steps:
+            while any(len(s.times) < args.steps for s in setups):
                 yield setups[i % n :] + setups[: i % n], True
                 i += 1
 
-    kept = discarded = forced = 0
-    kept_stall = kept_wall = 0.0
+    discarded = forced = 0
+    stall_time = recorded_time = 0.0
     before = cpu_snapshot()
     deadline = time.monotonic() + args.patience
     for order, timed in rounds():
-        p0, w0 = cpu_stall_us(), time.perf_counter()
-        times = [(s, s.step()) for s in order]
-        p1, wall = cpu_stall_us(), time.perf_counter() - w0
-        for s, _ in times:
-            if timed:
-                s.tokens.append(int(s.next_token))
-        if not timed:
-            continue
-        stall = (p1 - p0) / (1e6 * wall) if p0 is not None and p1 is not None else 0.0
-        if stall > args.max_stall:
-            if time.monotonic() < deadline:
-                discarded += 1
+        for s in order:
+            p0 = cpu_stall_us()
+            dt = s.step()
+            p1 = cpu_stall_us()
+            if not timed:
                 continue
-            forced += 1
-        kept += 1
-        kept_stall += stall * wall
-        kept_wall += wall
-        for s, dt in times:
+            s.tokens.append(int(s.next_token))
+            if len(s.times) >= args.steps:  # this setup has enough; it keeps stepping alongside the others
+                continue
+            stall = min(1.0, (p1 - p0) / (1e6 * dt)) if p0 is not None and p1 is not None else 0.0
+            if stall > args.max_stall:
+                if time.monotonic() < deadline:
+                    discarded += 1
+                    continue
+                forced += 1
             s.times.append(dt)
+            stall_time += stall * dt
+            recorded_time += dt
     load = foreign_load(before, cpu_snapshot())
     info = {
-        "kept": kept,
         "discarded": discarded,
-        "stall": kept_stall / kept_wall if kept_wall else 0.0,
-        "load": load,
         "forced": forced,
+        "stall": stall_time / recorded_time if recorded_time else 0.0,
+        "load": load,
     }
     for s in setups:
         log(f"  [{context}] {s.name}: median {1e3 * statistics.median(s.times):.2f} ms/token")
     log(
-        f"  [{context}] rounds kept {kept}, discarded {discarded} (CPU contention); CPU stall in kept rounds "
-        f"{100 * info['stall']:.1f}%; other processes used {load:.2f} cores on average"
+        f"  [{context}] steps discarded for CPU contention: {discarded}, contended steps recorded after the "
+        f"patience ran out: {forced}; CPU stall in recorded steps {100 * info['stall']:.1f}%; other processes "
+        f"used {load:.2f} cores on average"
     )
     return info
 
@@ -308,7 +307,7 @@ def header(args, contexts) -> list[str]:
         f"- contexts {', '.join(map(str, contexts))}; prefill in chunks of {args.chunk} (not timed); "
         f"{args.warmup} warm-up + {args.steps} recorded greedy decode steps per setup, "
         f"{'sequential' if args.sequential else 'interleaved round-robin'}; ms/token = median of the recorded steps; "
-        f"rounds with CPU stall > {100 * args.max_stall:.0f}% re-run (patience {args.patience:.0f}s per context)",
+        f"steps with CPU stall > {100 * args.max_stall:.0f}% not recorded (patience {args.patience:.0f}s per context)",
         f"- budgeted memories: budget={args.budget} tokens per layer and KV head, interval={args.interval}",
         "",
     ]
@@ -415,12 +414,12 @@ def targets(results: list[dict], contexts: list[int], args, agreement: dict, mac
     for c in contexts:
         m = machine[c]
         note = (
-            f" (patience ran out: {m['forced']} contended rounds were recorded too, times are noisy)" if m["forced"] else ""
+            f"; patience ran out, {m['forced']} contended steps were recorded too: times are noisy" if m["forced"] else ""
         )
         out.append(
-            f"- CPU contention at {c}: {m['kept']} rounds recorded, {m['discarded']} discarded for CPU stall > "
-            f"{100 * args.max_stall:.0f}%; stall in recorded rounds {100 * m['stall']:.1f}%; other processes used "
-            f"{m['load']:.2f} of {os.cpu_count()} cores on average during the decode phase{note}"
+            f"- CPU contention at {c}: {m['discarded']} decode steps not recorded (CPU stall > "
+            f"{100 * args.max_stall:.0f}% of the step); stall in recorded steps {100 * m['stall']:.1f}%; other "
+            f"processes used {m['load']:.2f} of {os.cpu_count()} cores on average during the decode phase{note}"
         )
     return out
 
@@ -447,10 +446,10 @@ def main(argv=None) -> None:
     p.add_argument("--interval", type=int, default=64, help="eviction interval of the sink/h2o memories (default 64)")
     p.add_argument("--sequential", action="store_true", help="time each setup's steps back to back instead of "
                    "interleaving the four setups round-robin")
-    p.add_argument("--max-stall", type=float, default=0.10, help="re-run decode rounds during which some task "
+    p.add_argument("--max-stall", type=float, default=0.10, help="do not record decode steps during which some task "
                    "waited for a CPU for more than this fraction of the time (Linux /proc/pressure/cpu; default 0.10)")
-    p.add_argument("--patience", type=float, default=300.0, help="seconds per context to wait for uncontended rounds "
-                   "before recording contended ones too (default 300)")
+    p.add_argument("--patience", type=float, default=600.0, help="seconds per context to wait for uncontended steps "
+                   "before recording contended ones too (default 600)")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
     args = p.parse_args(argv)
 

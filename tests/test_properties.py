@@ -121,3 +121,10 @@ def test_select_kept_prefers_protected_then_score():
     protect = torch.tensor([[[False, True, False, False, False]]])
     valid = torch.tensor([[[True, True, True, True, False]]])
     assert tokenmem.select_kept(scores, protect, valid, 3).tolist() == [[[0, 1, 3]]]
+
+
+def test_select_kept_breaks_ties_towards_newer_tokens():
+    scores = torch.ones(1, 1, 96)
+    none = torch.zeros(1, 1, 96, dtype=torch.bool)
+    kept = tokenmem.select_kept(scores, none, ~none, 32)
+    assert kept.tolist() == [[list(range(64, 96))]]

@@ -3,6 +3,7 @@
     tokenmem evictors                      list registered evictors
     tokenmem generate --model PATH --prompt-file F --evictor sink --budget 512
     tokenmem demo                          the memory mechanics on a small local model
+    tokenmem evolve --task synthetic --generations 20 --out DIR   evolve a NAMM scorer (CMA-ES)
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ def cmd_demo(args) -> int:
     return demo.run(model_path=args.model, max_new_tokens=args.max_new_tokens)
 
 
+def cmd_evolve(args) -> int:
+    from tokenmem.plugins.namm import evolve
+
+    return evolve.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmem", description="A bounded, learned working memory for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="local model directory (default: a small model made locally)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evolve", help="evolve a NAMM scorer with CMA-ES (also under torchrun --nproc_per_node N)")
+    p.add_argument("--task", action="append", default=None,
+                   help="evolution task, repeatable (built in: synthetic; default synthetic)")
+    p.add_argument("--generations", type=int, default=20)
+    p.add_argument("--population", type=int, default=32)
+    p.add_argument("--sigma", type=float, default=0.065, help="initial CMA-ES step size")
+    p.add_argument("--elite-ratio", type=float, default=0.5, help="fraction of the population recombined into the mean")
+    p.add_argument("--seed", type=int, default=0, help="CMA-ES sampling seed")
+    p.add_argument("--task-seed", type=int, default=0, help="seed of the tasks' models and prompts")
+    p.add_argument("--full-covariance", action="store_true",
+                   help="full-covariance CMA-ES instead of the diagonal one (sep-CMA-ES); slow for 4,172 dimensions")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process (default 1)")
+    p.add_argument("--out", required=True, help="output directory: checkpoint.pkl, evolution.json, the final scorer")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pkl when it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evolve)
     return parser
 
 

@@ -18,12 +18,15 @@ if TYPE_CHECKING:
 
 
 def select_kept(scores: torch.Tensor, protect: torch.Tensor, valid: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices ``[b, h, keep]`` (ascending) of the tokens to keep: protected first, then highest score;
-    padding last. ``scores``/``protect``/``valid`` are ``[b, h, n]``."""
+    """Indices ``[b, h, keep]`` (ascending) of the tokens to keep: protected first, then highest score,
+    ties broken in favour of newer tokens (deterministic on every device); padding last.
+    ``scores``/``protect``/``valid`` are ``[b, h, n]`` in slot (= position) order."""
     key = torch.where(valid, scores.to(torch.float32), float("-inf"))
     key = torch.where(protect, float("inf"), key)
-    index = torch.topk(key, keep, dim=-1, sorted=False).indices
-    return torch.sort(index, dim=-1).values
+    n = key.shape[-1]
+    # a stable sort of the slots newest-first: among equal keys the newer slot comes first
+    order = torch.sort(key.flip(-1), dim=-1, descending=True, stable=True).indices[..., :keep]
+    return torch.sort(n - 1 - order, dim=-1).values
 
 
 class MemoryLayer(CacheLayerMixin):
