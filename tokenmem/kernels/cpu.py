@@ -9,6 +9,8 @@ their LSEs. With padded keys, pass 1 is a blocked torch loop (LSE first, then th
 sums it into the per-key mass and the rows of the newest queries. Decoding (one query) takes a
 direct path: one row of scores per head is small.
 
+Without padding, pass 2 is the same fused kernel run on the transposed problem (see
+:func:`_mass_transposed`); only the rows of the newest queries (NAMM's window) take the blocked loop.
 The two-pass / online-softmax structure follows FlashAttention (Dao et al. 2022, arXiv:2205.14135).
 """
 
@@ -45,17 +47,18 @@ def attention_with_stats(
     q = query.shape[2]
     if q == 1:
         return _decode(query, key, value, scaling, key_valid, query_valid, need_mass, rows)
-    if key_valid is None:
+    if key_valid is None:  # no padding: fused kernels for everything
         out, lse = _flash(query, key, value, scaling, causal)
-    else:
-        lse = _lse_blocked(query, key, scaling, causal, key_valid, block_q, block_k)
-        out = None
-    mass = None
-    if need_mass or rows is not None or out is None:
-        out2, mass = _column_pass(query, key, value, lse, scaling, causal, key_valid, query_valid,
-                                  need_mass, rows, out is None, block_q, block_k)
-        out = out2 if out is None else out
-    return out, mass
+        mass = _mass_transposed(query, key, lse, scaling, causal, query_valid) if need_mass else None
+        if rows is not None:  # only the newest r queries: one blocked pass over their rows
+            r = rows.shape[2]
+            qv = None if query_valid is None else query_valid[:, q - r :]
+            _column_pass(query[:, :, q - r :], key, value, lse[:, :, q - r :], scaling, causal, None, qv,
+                         False, rows, False, block_q, block_k)
+        return out, mass
+    lse = _lse_blocked(query, key, scaling, causal, key_valid, block_q, block_k)
+    return _column_pass(query, key, value, lse, scaling, causal, key_valid, query_valid,
+                        need_mass, rows, True, block_q, block_k)
 
 
 # -- decode -----------------------------------------------------------------------------------
@@ -104,6 +107,41 @@ def _flash(query, key, value, scaling, causal):
     w_new = torch.exp(lse_new.float() - lse)[..., None]
     out = (out_past.float() * w_past + out_new.float() * w_new).to(query.dtype)
     return out, lse
+
+
+def _mass_transposed(query, key, lse, scaling, causal, query_valid):
+    """Per-key mass with the fused flash kernel run on the transposed problem.
+
+    ``mass_j = sum_i exp(s_ij - lse_i)``: with the keys as queries, the queries as keys and values
+    ``v_i = exp(c - lse_i)`` in one channel, flash returns ``o_j = sum_i e^{s_ij} v_i / sum_i e^{s_ij}``
+    and ``L_j = log sum_i e^{s_ij}``, so ``mass_j = o_j e^{L_j - c}``. Key ``j`` hears from queries
+    ``i >= j`` (anti-causal): both sequences are reversed so that flash's causal mask applies.
+    """
+    b, hq, q, d = query.shape
+    hkv, n = key.shape[1], key.shape[2]
+    g = hq // hkv
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    qc = query.to(compute)
+    kc = (key.repeat_interleave(g, dim=1) if g > 1 else key).to(compute)
+    lse = lse.to(compute)
+    if query_valid is not None:  # padded queries give no mass
+        lse = torch.where(query_valid[:, None, :], lse, torch.full_like(lse, float("inf")))
+    c = lse.masked_fill(torch.isinf(lse), float("nan")).nan_to_num(0.0).amin(dim=-1, keepdim=True)
+    v = torch.zeros(b, hq, q, d, dtype=compute, device=query.device)
+    v[..., 0] = torch.exp(c - lse)  # [b, hq, q]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    parts = []
+    if not causal:
+        o, big_l = flash(kc, qc, v, 0.0, False, scale=scaling)
+        parts.append(o[..., 0] * torch.exp(big_l.to(compute) - c))
+    else:
+        if n > q:  # cached keys hear from every query of the call
+            o, big_l = flash(kc[:, :, : n - q], qc, v, 0.0, False, scale=scaling)
+            parts.append(o[..., 0] * torch.exp(big_l.to(compute) - c))
+        o, big_l = flash(kc[:, :, n - q :].flip(2), qc.flip(2), v.flip(2), 0.0, True, scale=scaling)
+        parts.append((o[..., 0] * torch.exp(big_l.to(compute) - c)).flip(-1))
+    mass = torch.cat(parts, dim=-1).view(b, hkv, g, n).mean(dim=2)
+    return mass.to(torch.float32)
 
 
 def _block_scores(qb, key, t, u, scaling, causal, key_valid, s, e, offset, compute):
