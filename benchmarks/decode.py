@@ -291,14 +291,41 @@ def mib(n: int) -> float:
     return n / 2**20
 
 
-def header(args, contexts) -> list[str]:
+def source_revision() -> str:
+    """The git commit of the tokenmem checkout being measured (``+dirty`` with uncommitted changes)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(tokenmem.__file__)))
+    try:
+        rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "tokenmem", "plugins", "adapters"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def kernel_backend() -> str:
+    try:
+        from tokenmem import kernels
+
+        name = kernels.backend_for(torch.device("cpu"))
+        kernels.backend(name)  # import it now, together with the revision read
+        return name
+    except (ImportError, AttributeError, tokenmem.TokenmemError):
+        return "unknown"
+
+
+def header(args, contexts, revision: str, backend: str) -> list[str]:
     cfg = build_config(0)
     return [
         "# tokenmem decode benchmark",
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- torch {torch.__version__}, transformers {transformers.__version__}, tokenmem {tokenmem.__version__}, "
-        f"python {platform.python_version()}",
+        f"python {platform.python_version()}; tokenmem source at git {revision}, CPU kernel backend "
+        f"{backend!r}",
         f"- CPU: {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
         f"torch.get_num_threads()={torch.get_num_threads()} (default, not changed)",
         f"- model: LlamaForCausalLM from config, random weights (seed 0), fp32, eval; {cfg.num_hidden_layers} layers, "
@@ -459,6 +486,7 @@ def main(argv=None) -> None:
     if args.steps < 1 or args.warmup < 0 or args.chunk < 1:
         p.error("--steps must be >= 1, --warmup >= 0, --chunk >= 1")
 
+    revision, backend = source_revision(), kernel_backend()  # the measured code is what is imported now
     max_positions = max(32768, 2 * max(contexts))  # discarded rounds decode extra tokens
     sdpa_model, tm_model = build_models(max_positions)
     setups = make_setups(sdpa_model, tm_model, args.budget, args.interval)
@@ -497,7 +525,7 @@ def main(argv=None) -> None:
                 s.release()
             gc.collect()
 
-    report = header(args, contexts) + table(results) + targets(results, contexts, args, agreement, machine)
+    report = header(args, contexts, revision, backend) + table(results) + targets(results, contexts, args, agreement, machine)
     text = "\n".join(report) + "\n"
     print(text, end="", flush=True)
     if args.out:

@@ -151,3 +151,14 @@ def test_dispatcher_rejects_bad_input(monkeypatch):
     monkeypatch.setenv("TOKENMEM_KERNEL", "fpga")
     with pytest.raises(tokenmem.TokenmemError, match="not a backend"):
         kernels.attention_with_stats(q, k, v, scaling=1.0)
+
+
+@pytest.mark.parametrize("factor", [1.0, 16.0, 20.0, 40.0])
+def test_cpu_mass_with_a_wide_spread_of_row_log_sum_exps(factor):
+    """Queries whose scores differ by far more than float32's exp range still give the exact mass."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 512, 32, generator=g), torch.randn(1, 2, 512, 32, generator=g), torch.randn(1, 2, 512, 32, generator=g)
+    q[:, :, 256:] *= factor
+    _, mass = cpu.attention_with_stats(q, k, v, scaling=32**-0.5, need_mass=True)
+    _, ref = reference.attention_with_stats(q.double(), k.double(), v.double(), scaling=32**-0.5, need_mass=True)
+    assert torch.isfinite(mass).all() and rel_err(mass, ref) < 1e-5

@@ -49,7 +49,12 @@ def attention_with_stats(
         return _decode(query, key, value, scaling, key_valid, query_valid, need_mass, rows)
     if key_valid is None:  # no padding: fused kernels for everything
         out, lse = _flash(query, key, value, scaling, causal)
-        mass = _mass_transposed(query, key, lse, scaling, causal, query_valid) if need_mass else None
+        mass = None
+        if need_mass:
+            mass = _mass_transposed(query, key, lse, scaling, causal, query_valid)
+            if mass is None:  # LSE spread beyond float32's exp range: the blocked pass is exact
+                _, mass = _column_pass(query, key, value, lse, scaling, causal, None, query_valid,
+                                       True, None, False, block_q, block_k)
         if rows is not None:  # only the newest r queries: one blocked pass over their rows
             r = rows.shape[2]
             qv = None if query_valid is None else query_valid[:, q - r :]
@@ -90,12 +95,9 @@ def _decode(query, key, value, scaling, key_valid, query_valid, need_mass, rows)
 # -- pass 1 -----------------------------------------------------------------------------------
 def _flash(query, key, value, scaling, causal):
     """Output and LSE ``[b, hq, q]`` through PyTorch's fused CPU flash-attention kernel."""
-    hq, q = query.shape[1], query.shape[2]
-    hkv, n = key.shape[1], key.shape[2]
-    g = hq // hkv
+    q, n = query.shape[2], key.shape[2]
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    k = key.repeat_interleave(g, dim=1) if g > 1 else key
-    v = value.repeat_interleave(g, dim=1) if g > 1 else value
+    k, v = key, value  # the fused kernel groups query heads over KV heads itself (no repeat needed)
     if not causal or n == q:
         out, lse = flash(query, k, v, 0.0, causal and n == q, scale=scaling)
         return out, lse.to(torch.float32)
@@ -109,6 +111,14 @@ def _flash(query, key, value, scaling, causal):
     return out, lse
 
 
+MAX_LSE_SPREAD = 60.0  # float32 exp() keeps ~87 of range: stay well inside it
+
+
+def _scaled(o, big_l, c):
+    """``o[..., 0] * exp(L - c)`` in the log domain (no inf * 0)."""
+    return torch.exp(torch.log(o[..., 0].clamp_min(0.0)) + big_l.to(o.dtype) - c)
+
+
 def _mass_transposed(query, key, lse, scaling, causal, query_valid):
     """Per-key mass with the fused flash kernel run on the transposed problem.
 
@@ -116,6 +126,8 @@ def _mass_transposed(query, key, lse, scaling, causal, query_valid):
     ``v_i = exp(c - lse_i)`` in one channel, flash returns ``o_j = sum_i e^{s_ij} v_i / sum_i e^{s_ij}``
     and ``L_j = log sum_i e^{s_ij}``, so ``mass_j = o_j e^{L_j - c}``. Key ``j`` hears from queries
     ``i >= j`` (anti-causal): both sequences are reversed so that flash's causal mask applies.
+    Returns None when the queries' LSE spread exceeds :data:`MAX_LSE_SPREAD` (``exp(c - lse)`` would
+    underflow in float32); the caller then takes the blocked pass.
     """
     b, hq, q, d = query.shape
     hkv, n = key.shape[1], key.shape[2]
@@ -126,20 +138,25 @@ def _mass_transposed(query, key, lse, scaling, causal, query_valid):
     lse = lse.to(compute)
     if query_valid is not None:  # padded queries give no mass
         lse = torch.where(query_valid[:, None, :], lse, torch.full_like(lse, float("inf")))
-    c = lse.masked_fill(torch.isinf(lse), float("nan")).nan_to_num(0.0).amin(dim=-1, keepdim=True)
+    finite = torch.isfinite(lse)
+    c = torch.where(finite, lse, torch.full_like(lse, float("inf"))).amin(dim=-1, keepdim=True)
+    top = torch.where(finite, lse, torch.full_like(lse, float("-inf"))).amax(dim=-1, keepdim=True)
+    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+    if compute == torch.float32 and bool(((top - c) > MAX_LSE_SPREAD).any()):
+        return None  # exp(c - lse) would underflow for some queries
     v = torch.zeros(b, hq, q, d, dtype=compute, device=query.device)
     v[..., 0] = torch.exp(c - lse)  # [b, hq, q]
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     parts = []
     if not causal:
         o, big_l = flash(kc, qc, v, 0.0, False, scale=scaling)
-        parts.append(o[..., 0] * torch.exp(big_l.to(compute) - c))
+        parts.append(_scaled(o, big_l, c))
     else:
         if n > q:  # cached keys hear from every query of the call
             o, big_l = flash(kc[:, :, : n - q], qc, v, 0.0, False, scale=scaling)
-            parts.append(o[..., 0] * torch.exp(big_l.to(compute) - c))
+            parts.append(_scaled(o, big_l, c))
         o, big_l = flash(kc[:, :, n - q :].flip(2), qc.flip(2), v.flip(2), 0.0, True, scale=scaling)
-        parts.append((o[..., 0] * torch.exp(big_l.to(compute) - c)).flip(-1))
+        parts.append(_scaled(o, big_l, c).flip(-1))
     mass = torch.cat(parts, dim=-1).view(b, hkv, g, n).mean(dim=2)
     return mass.to(torch.float32)
 
