@@ -18,6 +18,21 @@ import torch
 from .config import NAMMConfig
 
 TOKEN_BLOCK = 2048  # tokens per STFT block (bounds the frame buffer)
+_BASIS: dict = {}
+
+
+def dft_basis(cfg: NAMMConfig, device) -> torch.Tensor:
+    """``[n_fft, 2 * bins]`` real matrix of the periodic-Hann-windowed one-sided DFT: ``frame @ basis``
+    gives ``[Re X_0..Re X_{bins-1}, Im X_0..]`` (a matmul is much faster than many tiny FFTs)."""
+    key = (cfg.n_fft, str(device))
+    if key not in _BASIS:
+        n = torch.arange(cfg.n_fft, dtype=torch.float64)
+        k = torch.arange(cfg.bins, dtype=torch.float64)
+        window = torch.hann_window(cfg.n_fft, periodic=True, dtype=torch.float64)
+        angle = 2 * math.pi * n[:, None] * k[None, :] / cfg.n_fft
+        basis = torch.cat([window[:, None] * torch.cos(angle), -window[:, None] * torch.sin(angle)], dim=1)
+        _BASIS[key] = basis.to(device=device, dtype=torch.float32)
+    return _BASIS[key]
 
 
 def frame_weights(frames: int, start: torch.Tensor, cfg: NAMMConfig) -> torch.Tensor:
@@ -43,7 +58,7 @@ def update_ema(
         raise ValueError(f"update_ema needs a multiple of hop={cfg.hop} queries, got {t}")
     pad = cfg.tail
     frames = (pad + t - cfg.n_fft) // cfg.hop + 1 if pad + t >= cfg.n_fft else 0
-    window = torch.hann_window(cfg.n_fft, periodic=True, dtype=torch.float32, device=rows.device)
+    basis = dft_basis(cfg, rows.device)  # [n_fft, 2 * bins]: windowed cos | -sin
     new_ema = ema * (cfg.ema ** t)
     new_tail = torch.empty_like(tail)
     for s in range(0, n, TOKEN_BLOCK):
@@ -53,7 +68,8 @@ def update_ema(
         if frames == 0:
             continue
         framed = signal.unfold(-1, cfg.n_fft, cfg.hop)  # [b, h, c, frames, n_fft]
-        spec = torch.fft.rfft(framed * window, dim=-1).abs()  # [b, h, c, frames, bins]
+        reim = framed @ basis  # [b, h, c, frames, 2 * bins]: the one-sided DFT of the windowed frames
+        spec = torch.sqrt(reim[..., : cfg.bins] ** 2 + reim[..., cfg.bins :] ** 2)  # magnitudes
         weights = frame_weights(frames, first_query[:, :, s:e] + pad, cfg)  # [b, h, c, frames]
         new_ema[:, :, s:e] += torch.einsum("bhcf,bhcfk->bhck", weights, spec)
     return new_ema, new_tail

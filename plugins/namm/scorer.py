@@ -4,7 +4,7 @@ One attention head (hidden ``32`` with bias) in which token ``i`` attends to its
 token ``j >= i`` (tokens ordered by position); its 50-dim output (``2 x features``) splits into a
 residual ``r`` and a multiplicative ``m``: ``h = x * (1 + m) + r``; a linear ``features -> 1`` gives the
 score. One parameter vector (4,172 values with the default 25 features) is shared by all layers and
-heads. The backward attention is computed in blocks with an online softmax: no ``n x n`` buffer.
+heads. The backward attention runs in a fused, blocked kernel: no ``n x n`` buffer.
 (Cetin et al., "An Evolved Universal Transformer Memory", 2024, arXiv:2410.13166.)
 """
 
@@ -13,8 +13,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .config import NAMMConfig
+
+
+_BLOCKED = 1e4  # logit offset that removes a key (exp(-1e4) == 0 in float32)
 
 
 def layout(cfg: NAMMConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -45,38 +49,28 @@ def initial_params(cfg: NAMMConfig, score: float = 1.0) -> torch.Tensor:
     return vector
 
 
-def bam_scores(x: torch.Tensor, valid: torch.Tensor, params: dict[str, torch.Tensor], block: int = 256) -> torch.Tensor:
+def bam_scores(x: torch.Tensor, valid: torch.Tensor, params: dict[str, torch.Tensor], block: int = 1024) -> torch.Tensor:
     """Scores ``[B, n]`` of tokens ``x [B, n, features]`` (ordered by position); ``valid [B, n]`` marks
-    tokens that can be attended. Backward mask: query ``i`` sees keys ``j >= i``."""
+    tokens that can be attended. Backward mask: query ``i`` sees keys ``j >= i``.
+
+    The backward attention runs in PyTorch's fused scaled-dot-product kernel (blocked inside, no
+    ``n x n`` buffer): reversing the token order turns the backward mask into the causal one, and one
+    extra channel (``-BIG`` on the keys of tokens that cannot be attended, ``1`` on the queries) removes
+    those keys without a mask tensor. (``block`` is kept for API compatibility.)
+    """
     B, n, f = x.shape
     x = x.to(torch.float32)
     q = x @ params["wq"] + params["bq"]
     k = x @ params["wk"] + params["bk"]
     v = x @ params["wv"] + params["bv"]
     scale = q.shape[-1] ** -0.5
-    attended = torch.empty(B, n, v.shape[-1], dtype=torch.float32, device=x.device)
-    idx = torch.arange(n, device=x.device)
-    for s in range(0, n, block):
-        e = min(n, s + block)
-        qb = q[:, s:e] * scale  # [B, c, k]
-        m = torch.full((B, e - s, 1), float("-inf"), device=x.device)
-        l = torch.zeros(B, e - s, 1, device=x.device)
-        acc = torch.zeros(B, e - s, v.shape[-1], device=x.device)
-        for t in range(s, n, block):  # only keys at or after the block: the backward mask
-            u = min(n, t + block)
-            sc = qb @ k[:, t:u].transpose(1, 2)  # [B, c, kb]
-            allowed = valid[:, None, t:u]
-            if t < e:  # diagonal block: j >= i
-                allowed = allowed & (idx[None, t:u] >= idx[s:e, None])[None]
-            sc = sc.masked_fill(~allowed, float("-inf"))
-            m_new = torch.maximum(m, sc.amax(-1, keepdim=True))
-            safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            p = torch.exp(sc - safe)
-            corr = torch.exp(torch.where(torch.isinf(m), torch.full_like(m, float("-inf")), m - safe))
-            l = l * corr + p.sum(-1, keepdim=True)
-            acc = acc * corr + p @ v[:, t:u]
-            m = m_new
-        attended[:, s:e] = torch.where(l > 0, acc / l.clamp_min(1e-30), torch.zeros_like(acc))
+    ones = torch.ones(B, n, 1, device=x.device)
+    blocked = (~valid).to(torch.float32)[..., None] * (-_BLOCKED / scale)
+    q_aug = torch.cat([q, ones], dim=-1).flip(1)[:, None]  # [B, 1, n, k+1], newest first
+    k_aug = torch.cat([k, blocked], dim=-1).flip(1)[:, None]
+    v_aug = torch.cat([v, torch.zeros_like(ones)], dim=-1).flip(1)[:, None]
+    attended = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, is_causal=True, scale=scale)
+    attended = attended[:, 0].flip(1)[..., : v.shape[-1]]  # [B, n, k]
     out = attended @ params["wo"] + params["bo"]  # [B, n, 2f]
     r, mult = out[..., :f], out[..., f:]
     hidden = x * (1.0 + mult) + r
