@@ -63,6 +63,28 @@ def prepare_tokenizer(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+@torch.no_grad()
+def prefill(model, memory: TokenMemory, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            chunk: int = 512) -> None:
+    """Feed all but the last prompt token through ``model`` in chunks of ``chunk`` tokens.
+
+    ``model.generate(input_ids, attention_mask=..., past_key_values=memory)`` then continues from the
+    last token: the memory reports the tokens it has seen, so generate feeds only what is new.
+    Positions follow the attention mask (left padding), as generate's own would.
+    """
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise TokenmemError(f"prefill chunk must be a positive number of tokens, got {chunk!r}")
+    if memory.seen:
+        raise TokenmemError("prefill() needs a fresh TokenMemory (this one has already seen tokens)")
+    total = input_ids.shape[1] - 1
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    for start in range(0, total, chunk):
+        end = min(total, start + chunk)
+        model(input_ids=input_ids[:, start:end], attention_mask=mask[:, :end],
+              position_ids=positions[:, start:end], past_key_values=memory, use_cache=True, logits_to_keep=1)
+
+
 @dataclass
 class Generation:
     texts: list[str]
@@ -95,7 +117,7 @@ class TextAdapter:
             self._separators = separator_ids(self.tokenizer)
         return self._separators
 
-    def memory(self, evictor="full", budget=None, interval: int = 64, positions: str = "original", **options):
+    def memory(self, evictor="full", budget=None, interval: int | None = None, positions: str = "original", **options):
         """A TokenMemory for this model with the tokenizer's separators."""
         return TokenMemory(
             self.model, evictor, budget, interval, positions, separator_ids=self.separators, **options
@@ -111,11 +133,19 @@ class TextAdapter:
         return {k: v.to(self.model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
     @torch.no_grad()
-    def generate(self, prompts, *, evictor="full", budget=None, interval=64, positions="original",
-                 max_new_tokens: int = 64, memory: TokenMemory | None = None, **generate_kwargs) -> Generation:
-        """Greedy (unless told otherwise) generation under a fresh (or given) TokenMemory."""
+    def generate(self, prompts, *, evictor="full", budget=None, interval=None, positions="original",
+                 max_new_tokens: int = 64, memory: TokenMemory | None = None, prefill_chunk: int | None = None,
+                 **generate_kwargs) -> Generation:
+        """Greedy (unless told otherwise) generation under a fresh (or given) TokenMemory.
+
+        ``prefill_chunk`` feeds the prompt in chunks of that many tokens (the memory evicts after each),
+        as a deployed memory would: device memory then stays bounded by ``budget + prefill_chunk``
+        however long the prompt.
+        """
         enc = self.encode(prompts)
         memory = memory or self.memory(evictor, budget, interval, positions)
+        if prefill_chunk is not None:
+            prefill(self.model, memory, enc["input_ids"], enc["attention_mask"], prefill_chunk)
         generate_kwargs.setdefault("do_sample", False)
         out = self.model.generate(
             **enc, past_key_values=memory, max_new_tokens=max_new_tokens,

@@ -77,3 +77,29 @@ def test_cli_reports_bad_input(tmp_path, tiny_llama_dir):
                           "--prompt-file", str(prompt), "--evictor", "nope", "--budget", "8"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "registered evictors" in out.stderr
+
+
+def test_chunked_prefill_then_generate_matches_one_shot(tiny_llama_dir):
+    """Prefill in chunks, then generate continues from the last token: same tokens as one-shot prefill
+    without eviction; with a budget the memory stays bounded during the prefill itself."""
+    adapter = TextAdapter.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    adapter.model.generation_config.eos_token_id = None
+    prompts = ["def add(a, b):\n    return a + b\n" * 12, "Hello, world. " * 9]
+    one_shot = adapter.generate(prompts, max_new_tokens=16)
+    chunked = adapter.generate(prompts, max_new_tokens=16, prefill_chunk=37)
+    assert torch.equal(one_shot.sequences, chunked.sequences)
+    held = []
+    memory = adapter.memory("sink", budget=40, interval=8)
+    original = memory.evict_layer
+
+    def spy(layer, keep):
+        original(layer, keep)
+        held.append(layer.held)
+
+    memory.evict_layer = spy
+    enc = adapter.encode(prompts)
+    from tokenmem.adapters import prefill
+    with torch.no_grad():
+        prefill(adapter.model, memory, enc["input_ids"], enc["attention_mask"], chunk=37)
+    assert memory.seen == enc["input_ids"].shape[1] - 1
+    assert held and max(held) <= 40 and memory.layers[0].capacity <= 2 * (40 + 37) + 64

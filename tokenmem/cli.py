@@ -29,7 +29,8 @@ def _add_memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evictor", default="full", help="registered evictor name (see `tokenmem evictors`)")
     p.add_argument("--budget", type=_budget, default=None,
                    help="tokens kept per layer and KV head (int) or fraction of tokens seen (float in (0, 1])")
-    p.add_argument("--interval", type=int, default=64, help="new tokens between evictions (default 64)")
+    p.add_argument("--interval", type=int, default=None,
+                   help="new tokens between evictions (default: the evictor's, 64; NAMM 512)")
     p.add_argument("--positions", choices=["original", "shift"], default="original")
 
 
@@ -61,7 +62,7 @@ def cmd_generate(args) -> int:
     adapter = TextAdapter.from_pretrained(args.model)
     result = adapter.generate(
         prompt, evictor=args.evictor, budget=args.budget, interval=args.interval, positions=args.positions,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk,
     )
     print(result.texts[0])
     print("-" * 60)
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="local model directory (from_pretrained)")
     p.add_argument("--prompt-file", required=True, help="text file with the prompt ('-' for stdin)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="feed the prompt in chunks of this many tokens, evicting after each (bounded memory)")
     p.add_argument("--seed", type=int, default=0)
     _add_memory_args(p)
     p.set_defaults(func=cmd_generate)
