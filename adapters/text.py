@@ -143,7 +143,8 @@ class TextAdapter:
         however long the prompt.
         """
         enc = self.encode(prompts)
-        memory = memory or self.memory(evictor, budget, interval, positions)
+        if memory is None:  # (a Cache with no layers yet is falsy: test for None)
+            memory = self.memory(evictor, budget, interval, positions)
         if prefill_chunk is not None:
             prefill(self.model, memory, enc["input_ids"], enc["attention_mask"], prefill_chunk)
         generate_kwargs.setdefault("do_sample", False)

@@ -89,3 +89,40 @@ def test_hand_written_loop_matches(references):
             tokens.append(nxt)
             out = ours(nxt, past_key_values=memory, use_cache=True)
     assert torch.equal(torch.cat(tokens, 1), ref.sequences[:, PROMPT:])
+
+
+@pytest.mark.parametrize("evictor", ["full", "h2o", "namm"])
+def test_beam_search_matches_dynamic_cache(evictor, references):
+    """num_beams > 1 reorders the cache every step (keys, values, metadata, state, attention rows)."""
+    from tokenmem.plugins.namm import NAMM
+
+    model, ids, mask, _ = references("llama", 2)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=3, do_sample=False)
+        ours = twin(model)
+        ev = NAMM(interval=16) if evictor == "namm" else evictor
+        memory = tokenmem.TokenMemory(ours, ev, budget=None if evictor != "h2o" else 1000)
+        out = ours.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=3, do_sample=False,
+                            past_key_values=memory)
+    assert torch.equal(ref, out)
+
+
+def test_reorder_moves_every_per_sequence_buffer():
+    from tokenmem.plugins.namm import NAMM
+
+    model = tiny_model("llama")
+    memory = tokenmem.TokenMemory(model, NAMM(interval=64))
+    ids = torch.randint(3, 300, (2, 21), generator=torch.Generator().manual_seed(0))  # 21 % 16: rows pending
+    with torch.no_grad():
+        model(ids, past_key_values=memory, use_cache=True)
+    layer = memory.layers[0]
+    assert layer.row_count == 5
+    before = {name: t.clone() for name, t in (("k", layer._k), ("meta", layer._meta), ("rows", layer.rows),
+                                              ("ema", layer.state["namm_ema"]))}
+    memory.reorder_cache(torch.tensor([1, 0]))
+    for name, t in (("k", layer._k), ("meta", layer._meta), ("rows", layer.rows), ("ema", layer.state["namm_ema"])):
+        assert torch.equal(t[0], before[name][1]) and torch.equal(t[1], before[name][0]), name
+    memory.batch_repeat_interleave(2)
+    assert layer.rows.shape[0] == layer._k.shape[0] == 4
+    with torch.no_grad():
+        model(torch.randint(3, 300, (4, 1)), past_key_values=memory, use_cache=True)  # still consistent

@@ -204,3 +204,31 @@ def test_streamed_ema_in_memory_equals_batch_stft_of_eager_attention():
             expected = stft_reference(signal, cfg, torch.arange(150))
             err = ((ema[head].double() - expected).abs().max() / expected.abs().max()).item()
             assert err < 1e-5, (layer_idx, head, err)
+
+
+def test_namm_batch_rows_match_their_single_runs():
+    """Each row of a left-padded batch keeps the same tokens as its prompt run alone (fp32). The padding
+    is a whole number of hops: NAMM's STFT frames are aligned to the stream, so other paddings shift the
+    frames of the padded rows (inherent to a batched spectrogram, as in the paper's code)."""
+    model = tiny_model("llama")
+    cfg = NAMMConfig(interval=32)
+    g = torch.Generator().manual_seed(3)
+    params = initial_params(cfg, score=0.0)
+    params[-1 - cfg.features : -1] = torch.randn(cfg.features, generator=g)
+    ids, mask = padded_batch(2, 90, seed=2, pad=cfg.hop)  # row 1 has one hop of padding
+    kept_batch = []
+    memory = tokenmem.TokenMemory(model, NAMM(cfg, params))
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=memory, use_cache=True)
+    for layer in memory.layers:
+        kept_batch.append(layer.meta)
+    assert memory.stats()["evictions"] > 0
+    for row, pad in ((0, 0), (1, cfg.hop)):
+        alone = tokenmem.TokenMemory(model, NAMM(cfg, params))
+        with torch.no_grad():
+            model(ids[row : row + 1, pad:], past_key_values=alone, use_cache=True)
+        for meta_b, layer in zip(kept_batch, alone.layers):
+            for head in range(2):
+                batch_set = set((meta_b.position[row, head][meta_b.valid[row, head]] - pad).tolist())
+                alone_set = set(layer.meta.position[0, head][layer.meta.valid[0, head]].tolist())
+                assert batch_set == alone_set, (row, head)

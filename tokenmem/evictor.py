@@ -50,7 +50,8 @@ class LayerView:
         return torch.arange(self.num_tokens, device=self.keys.device)[None, None, :]
 
     def newest(self, count: int) -> torch.Tensor:
-        """Bool ``[1, 1, n]``: the ``count`` most recent slots (padding is only ever at the left)."""
+        """Bool ``[1, 1, n]``: the ``count`` most recent slots. Left padding never reaches them, but slots
+        masked by a ragged threshold eviction may (the memory never keeps a masked slot on that account)."""
         return self.slot_index() >= self.num_tokens - count
 
     def first_valid(self, count: int) -> torch.Tensor:
@@ -87,7 +88,10 @@ class Evictor:
         """Raise :class:`BudgetError` when ``budget`` tokens cannot hold what this evictor protects."""
 
     def observe(self, view: LayerView) -> None:
-        """Update per-token state after every attention call (e.g. accumulate attention mass)."""
+        """Update per-token state after an attention call (e.g. accumulate attention mass).
+
+        Called only for evictors that read statistics: ``needs_stats`` (after every call, with
+        ``view.mass``) or ``stats_window > 0`` (whenever the row window fills, with ``view.rows``)."""
 
     def score(self, view: LayerView) -> torch.Tensor:
         """Scores broadcastable to ``[batch, kv_heads, tokens]``; higher keeps."""

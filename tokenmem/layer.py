@@ -202,6 +202,8 @@ class MemoryLayer(CacheLayerMixin):
         self.state = {k: v[index] for k, v in self.state.items()}
         if self.mass is not None:
             self.mass = self.mass[index]
+        if self.rows is not None:
+            self.rows = self.rows[index]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(beam_idx)
@@ -228,6 +230,8 @@ class MemoryLayer(CacheLayerMixin):
     def _move(self, device) -> None:
         self._k, self._v, self._meta = self._k.to(device), self._v.to(device), self._meta.to(device)
         self.state = {k: v.to(device) for k, v in self.state.items()}
+        self.mass = None if self.mass is None else self.mass.to(device)
+        self.rows = None if self.rows is None else self.rows.to(device)
 
     # -- eviction ---------------------------------------------------------------------------------
     def compact(self, index: torch.Tensor) -> None:

@@ -104,8 +104,9 @@ class TokenMemory(Cache):
         self.record_stats = record_stats
         self.context: ModelContext | None = None
         if model is not None:
-            if separator_ids is None and self._wants_separators(tokenizer):
-                tokenizer = tokenizer or _local_tokenizer(model)
+            tokenizer_problem = None
+            if separator_ids is None and self._wants_separators(tokenizer) and tokenizer is None:
+                tokenizer, tokenizer_problem = _local_tokenizer(model)
             if tokenizer is not None and separator_ids is None:
                 from tokenmem.adapters.text import separator_ids as find_separators
 
@@ -118,9 +119,10 @@ class TokenMemory(Cache):
             if separator_ids is not None:
                 self.context.separator_ids = torch.as_tensor(sorted(set(separator_ids)), dtype=torch.long)
         if self.evictor.name == "separator" and self.context.separator_ids is None:
+            why = f" (the tokenizer beside the model could not be loaded: {tokenizer_problem})" if model is not None and tokenizer_problem else ""
             raise TokenmemError(
                 "the separator evictor needs to know the separator tokens: pass tokenizer=<the model's tokenizer> "
-                "or separator_ids=[...] to TokenMemory"
+                f"or separator_ids=[...] to TokenMemory{why}"
             )
         self._annotation: TokenMeta | None = None
         self._chunk: tuple | None = None
@@ -406,15 +408,15 @@ class TokenMemory(Cache):
 
 
 def _local_tokenizer(model):
-    """The tokenizer saved beside a locally loaded model, or None."""
+    """``(tokenizer, None)`` for the tokenizer saved beside a locally loaded model, else ``(None, reason)``."""
     import os
 
     path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
     if not path or not os.path.isdir(path):
-        return None
+        return None, f"the model was not loaded from a local directory ({path!r})"
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        return None
+        return AutoTokenizer.from_pretrained(path), None
+    except (OSError, ValueError) as exc:  # no tokenizer files there: reported by the caller if it matters
+        return None, f"{type(exc).__name__}: {exc}"
