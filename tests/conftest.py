@@ -81,8 +81,7 @@ def padded_batch(batch: int, length: int, seed: int = 0, pad: int = 5):
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     """A byte-level BPE tokenizer trained offline on a few sentences, saved as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenmem.demo import train_byte_bpe
 
     text = [
         "def add(a, b):\n    return a + b\n",
@@ -90,13 +89,7 @@ def tiny_tokenizer_dir(tmp_path_factory):
         "The quick brown fox jumps over the lazy dog. The end, again.\n",
         "for i in range(10):\n\tprint(i, i * i)\n",
     ] * 20
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(text, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast = train_byte_bpe(text, vocab_size=VOCAB - 8)
     path = tmp_path_factory.mktemp("tok")
     fast.save_pretrained(path)
     return str(path)

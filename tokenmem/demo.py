@@ -26,20 +26,28 @@ def _prompt_text() -> str:
     return inspect.getsource(importlib.import_module(PROMPT_MODULE))
 
 
-def build_demo_model(path: Path = DEMO_DIR) -> Path:
-    """Create (once) the demo model + tokenizer at ``path``; deterministic for a given Python version."""
-    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
-        return path
+def train_byte_bpe(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained offline on ``texts`` (specials ``<pad>``, ``<s>``, ``</s>`` get
+    ids 0, 1, 2), as a ``transformers`` fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2048, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([_prompt_text()], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def build_demo_model(path: Path = DEMO_DIR) -> Path:
+    """Create (once) the demo model + tokenizer at ``path``; deterministic for a given Python version."""
+    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+        return path
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_byte_bpe([_prompt_text()], vocab_size=2048)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=16384,

@@ -16,6 +16,9 @@ from .meta import FIELDS, TokenMeta
 if TYPE_CHECKING:
     from .memory import TokenMemory
 
+CROP_ERROR = ("a TokenMemory cannot be cropped (evicted tokens cannot be restored); "
+              "use a DynamicCache for assisted/speculative decoding")
+
 
 def select_kept(scores: torch.Tensor, protect: torch.Tensor, valid: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices ``[b, h, keep]`` (ascending) of the tokens to keep: protected first, then highest score,
@@ -194,16 +197,19 @@ class MemoryLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.__init__(self.memory, self.index)
 
+    def _map_buffers(self, fn) -> None:
+        """Replace every per-sequence buffer (keys, values, metadata, evictor state, mass, rows) by
+        ``fn(buffer)``: the one place batch selection and device moves enumerate them."""
+        self._k, self._v, self._meta = fn(self._k), fn(self._v), fn(self._meta)
+        self.state = {k: fn(v) for k, v in self.state.items()}
+        self.mass = None if self.mass is None else fn(self.mass)
+        self.rows = None if self.rows is None else fn(self.rows)
+
     def _select_batch(self, index: torch.Tensor) -> None:
         if self._k is None:
             return
         index = index.to(self._k.device)
-        self._k, self._v, self._meta = self._k[index], self._v[index], self._meta[index]
-        self.state = {k: v[index] for k, v in self.state.items()}
-        if self.mass is not None:
-            self.mass = self.mass[index]
-        if self.rows is not None:
-            self.rows = self.rows[index]
+        self._map_buffers(lambda t: t[index])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(beam_idx)
@@ -216,8 +222,7 @@ class MemoryLayer(CacheLayerMixin):
             self._select_batch(torch.arange(self._k.shape[0]).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise MemoryStateError("a TokenMemory cannot be cropped (evicted tokens cannot be restored); "
-                               "use a DynamicCache for assisted/speculative decoding")
+        raise MemoryStateError(CROP_ERROR)
 
     def offload(self):
         if self._k is not None:
@@ -228,10 +233,7 @@ class MemoryLayer(CacheLayerMixin):
             self._move(self.device)
 
     def _move(self, device) -> None:
-        self._k, self._v, self._meta = self._k.to(device), self._v.to(device), self._meta.to(device)
-        self.state = {k: v.to(device) for k, v in self.state.items()}
-        self.mass = None if self.mass is None else self.mass.to(device)
-        self.rows = None if self.rows is None else self.rows.to(device)
+        self._map_buffers(lambda t: t.to(device))
 
     # -- eviction ---------------------------------------------------------------------------------
     def compact(self, index: torch.Tensor) -> None:

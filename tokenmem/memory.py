@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache
 
 from . import kernels
 from .attention import ModelContext, prepare_model
-from .layer import MemoryLayer, select_kept
+from .layer import CROP_ERROR, MemoryLayer, select_kept
 from .errors import BudgetError, MemoryStateError, TokenmemError
 from .evictor import Evictor, LayerView, get_evictor
 from .meta import FIELDS, FLAGS, PAD, POSITION, ROPE, SEPARATOR, TOKEN, TokenMeta
@@ -105,7 +105,7 @@ class TokenMemory(Cache):
         self.context: ModelContext | None = None
         if model is not None:
             tokenizer_problem = None
-            if separator_ids is None and self._wants_separators(tokenizer) and tokenizer is None:
+            if separator_ids is None and tokenizer is None and self.evictor.name == "separator":
                 tokenizer, tokenizer_problem = _local_tokenizer(model)
             if tokenizer is not None and separator_ids is None:
                 from tokenmem.adapters.text import separator_ids as find_separators
@@ -129,9 +129,6 @@ class TokenMemory(Cache):
         self.has_padding = False
         super().__init__(layers=[MemoryLayer(self, i) for i in range(num_layers)])
 
-    def _wants_separators(self, tokenizer) -> bool:
-        return self.evictor.name == "separator" or tokenizer is not None
-
     # -- Cache API --------------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
@@ -146,8 +143,7 @@ class TokenMemory(Cache):
         self.has_padding = False
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise MemoryStateError("a TokenMemory cannot be cropped (evicted tokens cannot be restored); "
-                               "use a DynamicCache for assisted/speculative decoding")
+        raise MemoryStateError(CROP_ERROR)
 
     # -- public helpers ---------------------------------------------------------------------------
     @property
@@ -316,17 +312,23 @@ class TokenMemory(Cache):
 
     def _shift_new_tokens(self, layer: MemoryLayer, query: torch.Tensor, q: int) -> torch.Tensor:
         """``shift`` mode: new tokens take the cache slots' positions; rotate their keys and queries."""
-        n = layer.held
-        rope = layer._meta[:, :, n - q : n, ROPE]  # [b, h, q] positions the model rotated them at
-        target = torch.arange(n - q, n, device=rope.device)
-        delta = target - rope  # [b, h, q]
-        if bool((delta != 0).any()):
-            inv_freq = self.context.inv_freq
-            layer._k[:, :, n - q : n] = rotate_by(layer._k[:, :, n - q : n], delta, inv_freq)
-            # queries share the positions of their tokens: take the delta of the first KV head
-            query = rotate_by(query, delta[:, :1], inv_freq)
-            layer._meta[:, :, n - q : n, ROPE] = target
+        delta = self._rotate_to_slots(layer, layer.held - q)
+        if delta is not None:  # queries share their tokens' positions: the delta of the first KV head
+            query = rotate_by(query, delta[:, :1], self.context.inv_freq)
         return query
+
+    def _rotate_to_slots(self, layer: MemoryLayer, start: int) -> torch.Tensor | None:
+        """Re-rotate the keys in slots ``start..held-1`` to positions equal to their slots; returns the
+        rotation ``[b, h, held - start]`` applied, or None when every key was already in place."""
+        n = layer.held
+        rope = layer._meta[:, :, start:n, ROPE]  # positions the keys are rotated at now
+        target = torch.arange(start, n, device=rope.device)
+        delta = target - rope
+        if not bool((delta != 0).any()):
+            return None
+        layer._k[:, :, start:n] = rotate_by(layer._k[:, :, start:n], delta, self.context.inv_freq)
+        layer._meta[:, :, start:n, ROPE] = target
+        return delta
 
     def _view(self, layer: MemoryLayer, budget: int, new_tokens: int) -> LayerView:
         return LayerView(
@@ -398,13 +400,7 @@ class TokenMemory(Cache):
 
     def _reposition(self, layer: MemoryLayer) -> None:
         """``shift`` mode: re-rotate the kept keys to their slot positions ``0..held-1``."""
-        n = layer.held
-        rope = layer._meta[:, :, :n, ROPE]
-        target = torch.arange(n, device=rope.device)
-        delta = target - rope
-        if bool((delta != 0).any()):
-            layer._k[:, :, :n] = rotate_by(layer._k[:, :, :n], delta, self.context.inv_freq)
-            layer._meta[:, :, :n, ROPE] = target
+        self._rotate_to_slots(layer, 0)
 
 
 def _local_tokenizer(model):
