@@ -26,14 +26,17 @@ def _prompt_text() -> str:
     return inspect.getsource(importlib.import_module(PROMPT_MODULE))
 
 
-def train_byte_bpe(texts: list[str], vocab_size: int):
+def train_byte_bpe(texts, vocab_size: int, individual_digits: bool = False):
     """A byte-level BPE tokenizer trained offline on ``texts`` (specials ``<pad>``, ``<s>``, ``</s>`` get
-    ids 0, 1, 2), as a ``transformers`` fast tokenizer."""
+    ids 0, 1, 2), as a ``transformers`` fast tokenizer. ``individual_digits`` splits every digit into its own
+    token (numbers are then copied digit by digit, which small models learn far more easily)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if individual_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -57,6 +57,20 @@ class NAMM(Evictor):
 
         return load_scorer(path)
 
+    @classmethod
+    def pretrained(cls, name: str = "language") -> "NAMM":
+        """A scorer shipped with tokenmem: ``"language"``, evolved on the shipped standard-library model's
+        code-completion and retrieval tasks (``tokenmem/zoo/scorers/language``, with its evolution log),
+        and used unchanged on every modality."""
+        from tokenmem.zoo import SCORERS_DIR
+
+        path = SCORERS_DIR / name
+        if not (path / "scorer.json").exists():
+            known = sorted(p.name for p in SCORERS_DIR.iterdir() if (p / "scorer.json").exists()) if SCORERS_DIR.exists() else []
+            raise TokenmemError(f"no shipped NAMM scorer named {name!r} (looked in {path}); shipped: "
+                                f"{', '.join(known) or 'none'}; load your own with NAMM.from_file(path)")
+        return cls.from_file(path)
+
     def save(self, path) -> None:
         from .io import save_scorer
 

@@ -4,6 +4,7 @@ attention-recall task and a generation-agreement task; a registry by name (see :
 from __future__ import annotations
 
 import hashlib
+import time
 import weakref
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
@@ -117,17 +118,26 @@ class PromptTask:
         for index, ids in self.batches():
             memory = memory_factory()
             generated = self.feed(model, memory, ids)
-            outputs.append(TaskOutput(index=index, input_ids=ids, generated=generated, memory=memory))
+            outputs.append(TaskOutput(index=index, input_ids=ids, generated=generated, memory=memory,
+                                      extras=dict(self._last_feed)))
         return outputs
 
     def feed(self, model, memory: TokenMemory, ids: torch.Tensor) -> torch.Tensor | None:
-        """Chunked prefill of ``ids`` into ``memory``, then greedy decoding; the generated tokens."""
+        """Chunked prefill of ``ids`` into ``memory``, then greedy decoding; the generated tokens.
+
+        Also records, in ``self._last_feed`` (copied into :attr:`TaskOutput.extras` by :meth:`run`), the
+        prefill and decode wall times, the number of decode forward calls, and the fraction of the tokens
+        seen that the memory held when the prompt ended (``held_fraction``, mean over layers)."""
         step = self.chunk or ids.shape[1]
+        t0 = time.perf_counter()
         with torch.no_grad():
             logits = None
             for s in range(0, ids.shape[1], step):
                 logits = model(input_ids=ids[:, s : s + step], past_key_values=memory, use_cache=True,
                                logits_to_keep=1).logits[:, -1]
+            t1 = time.perf_counter()
+            self._last_feed = {"prefill_s": t1 - t0, "decode_s": 0.0, "decode_calls": 0,
+                               "held_fraction": memory.stats()["held_fraction"]}
             if not self.max_new_tokens:
                 return None
             tokens = []
@@ -136,6 +146,7 @@ class PromptTask:
                 tokens.append(nxt)
                 if i + 1 < self.max_new_tokens:
                     logits = model(input_ids=nxt, past_key_values=memory, use_cache=True, logits_to_keep=1).logits[:, -1]
+            self._last_feed.update(decode_s=time.perf_counter() - t1, decode_calls=self.max_new_tokens - 1)
         return torch.cat(tokens, dim=1)
 
     def score(self, outputs) -> float:
@@ -296,7 +307,21 @@ class AgreementTask(PromptTask):
         return float(sum(fractions) / len(fractions))
 
 
-TASKS: dict[str, Callable[..., Task]] = {"synthetic": SyntheticTask}
+def _language_task(name: str) -> Callable[..., Task]:
+    """The shipped language tasks (:mod:`tokenmem.zoo.lm_tasks`) on their ``evolve`` split."""
+
+    def factory(seed: int = 0, **options) -> Task:
+        from tokenmem.zoo.lm_tasks import get_language_task
+
+        options.setdefault("split", "evolve")
+        return get_language_task(name, **options)
+
+    return factory
+
+
+TASKS: dict[str, Callable[..., Task]] = {"synthetic": SyntheticTask,
+                                          "code-completion": _language_task("code-completion"),
+                                          "retrieval": _language_task("retrieval")}
 
 
 def register_task(name: str, factory: Callable[..., Task]) -> None:

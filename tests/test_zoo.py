@@ -1,0 +1,138 @@
+"""The shipped language model, its corpus, tokenizer and tasks (issue: a real small language model)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tokenmem.errors import TokenmemError
+from tokenmem.zoo import SCORERS_DIR, STDLIB_LM, corpus, lm_tasks, planting
+
+needs_model = pytest.mark.skipif(not (STDLIB_LM / "config.json").exists(), reason="shipped model not built")
+
+
+def test_corpus_is_deterministic_and_split_by_file(tmp_path):
+    root = tmp_path / "lib"
+    (root / "pkg").mkdir(parents=True)
+    (root / "site-packages").mkdir()
+    (root / "a.py").write_text("x = 1\n")
+    (root / "pkg" / "b.py").write_text("def f():\n    return 2\n")
+    (root / "site-packages" / "c.py").write_text("ignored = True\n")
+    (root / "bad.py").write_bytes(b"\xff\xfe not utf-8")
+    first, second = corpus.iter_files(root), corpus.iter_files(root)
+    assert [f.path for f in first] == ["a.py", "pkg/b.py"]
+    assert corpus.manifest(first) == corpus.manifest(second)
+    (root / "a.py").write_text("x = 2\n")
+    assert corpus.manifest(corpus.iter_files(root))["sha256"] != corpus.manifest(first)["sha256"]
+    # the split depends only on the path
+    assert all(f.split == corpus.split_of(f.path) for f in first)
+    splits = {corpus.split_of(f"m{i}.py") for i in range(200)}
+    assert splits == {"train", "heldout"}
+
+
+def test_real_stdlib_split_is_stable():
+    files = corpus.iter_files()
+    held = [f.path for f in files if f.split == "heldout"]
+    assert 0.03 < len(held) / len(files) < 0.1
+    assert held == [f.path for f in corpus.iter_files(split="heldout")]
+
+
+@pytest.mark.parametrize("a,b,expected", [("abc", "abc", 1.0), ("", "", 1.0), ("abc", "", 0.0),
+                                          ("kitten", "sitting", 1 - 3 / 7), ("return x", "return y", 1 - 1 / 8)])
+def test_edit_similarity(a, b, expected):
+    assert lm_tasks.edit_similarity(a, b) == pytest.approx(expected)
+
+
+def test_answer_extraction():
+    assert lm_tasks.completion_line("\n        return self.x\n    def") == "return self.x"
+    assert lm_tasks.completion_line("  # no newline") == ""
+    assert lm_tasks.retrieved_value("48213\n") == "48213"
+    assert lm_tasks.retrieved_value(" 4821x") == "4821"
+    assert lm_tasks.retrieved_value("x48213") == ""
+
+
+def test_planting_puts_every_query_after_its_definition():
+    rng = np.random.default_rng(0)
+    lines = [f"line_{i} = {i}" for i in range(50)]
+    out = planting.plant_pairs(lines, rng, 5)
+    assert len(out) == 60
+    defs = {l.split(" = ")[0].strip(): (k, l.split(" = ")[1]) for k, l in enumerate(out) if l.strip().startswith("_")}
+    queries = [(k, l) for k, l in enumerate(out) if l.strip().startswith("assert ")]
+    assert len(defs) == 5 and len(queries) == 5
+    for k, q in queries:
+        name, value = q.strip()[len("assert "):].split(" == ")
+        assert defs[name][0] < k and defs[name][1] == value
+    text = planting.synthetic_recall(np.random.default_rng(1), 6, 9)
+    seen = {}
+    for line in text.splitlines():
+        if line.startswith("assert "):
+            name, value = line[len("assert "):].split(" == ")
+            assert seen[name] == value
+        else:
+            name, value = line.split(" = ")
+            seen[name] = value
+
+
+def test_task_files_shipped_and_disjoint():
+    for split in lm_tasks.SPLITS:
+        for name in ("code-completion", "retrieval"):
+            assert lm_tasks.load_records(name, split)
+    files = {split: {r["file"] for r in lm_tasks.load_records("code-completion", split)} for split in lm_tasks.SPLITS}
+    assert not files["evolve"] & files["eval"]
+    retrieval = lm_tasks.load_records("retrieval", "eval")
+    assert {r["distance"] for r in retrieval} == set(lm_tasks.DISTANCES)
+    for r in retrieval:
+        assert r["text"].endswith(planting.query_prefix(r["text"].rsplit("assert ", 1)[1].split(" == ")[0]))
+        assert len(r["answer"]) == planting.VALUE_DIGITS
+        assert abs(r["measured_distance"] - r["distance"]) < 0.15 * r["distance"]
+    with pytest.raises(TokenmemError, match="no task file"):
+        lm_tasks.load_records("retrieval", "nope")
+
+
+def test_task_scoring_on_hand_made_outputs():
+    from tokenmem.plugins.namm.tasks import TaskOutput
+
+    task = lm_tasks.RetrievalTask(split="eval", limit=2)
+
+    class Tok:
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    task.tokenizer = Tok()
+    answers = [r["answer"] for r in task.records]
+    outs = [TaskOutput(index=[0], input_ids=None, generated=torch.tensor([[ord(c) for c in answers[0]]]), memory=None),
+            TaskOutput(index=[1], input_ids=None, generated=torch.tensor([[ord(c) for c in "00000"]]), memory=None)]
+    expected = 0.5 if answers[1] != "00000" else 1.0
+    assert task.score(outs) == expected
+
+
+@needs_model
+def test_shipped_model_loads_with_plain_transformers_and_generates():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tokenmem
+
+    model = AutoModelForCausalLM.from_pretrained(STDLIB_LM).eval()
+    tok = AutoTokenizer.from_pretrained(STDLIB_LM)
+    assert tok.tokenize("12345") == ["1", "2", "3", "4", "5"]
+    ids = tok("import os\n\ndef main():\n", return_tensors="pt").input_ids
+    memory = tokenmem.TokenMemory(model, tokenmem.plugins.namm.NAMM.pretrained("language"), budget=64)
+    out = model.generate(ids, past_key_values=memory, max_new_tokens=256, min_new_tokens=256, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 256
+    assert memory.seen == out.shape[1] - 1
+    assert max(memory.stats()["held"]) <= 64 + memory.interval
+
+
+@needs_model
+def test_shipped_scorer_loads():
+    from tokenmem.plugins.namm import NAMM
+
+    namm = NAMM.pretrained("language")
+    assert torch.isfinite(namm.params).all()
+    log = json.loads((SCORERS_DIR / "language" / "evolution.json").read_text())
+    assert log["generations_done"] > 0
+    with pytest.raises(TokenmemError, match="no shipped NAMM scorer"):
+        NAMM.pretrained("klingon")

@@ -1,0 +1,82 @@
+"""Planted key/value pairs in real code: the retrieval signal for training and the ``retrieval`` task.
+
+A pair is a definition line ``_SECRET_7 = 48213`` placed early and, later, a query line
+``assert _SECRET_7 == 48213``. To answer, a model must find the definition and copy its digits, the
+induction/copy behaviour that does not emerge from a few million tokens of plain code (measured before
+the language-model issue was filed), so training mixes these pairs in from the start.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NAME_STEMS = ("SECRET", "KEY", "TOKEN", "CODE", "PIN", "MAGIC", "SEED", "LIMIT", "PORT", "SALT", "NONCE", "TAG",
+              "BASE", "MASK", "OFFSET", "SLOT")
+VALUE_DIGITS = 5
+CHARS_PER_TOKEN = 3.68  # measured on held-out stdlib files with the shipped tokenizer
+
+
+def random_name(rng: np.random.Generator, stems=NAME_STEMS) -> str:
+    return f"_{stems[int(rng.integers(len(stems)))]}_{int(rng.integers(100))}"
+
+
+def random_value(rng: np.random.Generator) -> str:
+    return "".join(str(int(d)) for d in rng.integers(0, 10, VALUE_DIGITS))
+
+
+def definition(name: str, value: str) -> str:
+    return f"{name} = {value}"
+
+
+def query_prefix(name: str) -> str:
+    """The text a retrieval prompt ends with; the answer is the value's digits."""
+    return f"assert {name} == "
+
+
+def distinct_names(rng: np.random.Generator, count: int) -> list[str]:
+    names: list[str] = []
+    while len(names) < count:
+        name = random_name(rng)
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def indent_of(line: str) -> str:
+    return line[: len(line) - len(line.lstrip(" "))]
+
+
+def synthetic_recall(rng: np.random.Generator, n_pairs: int, n_queries: int) -> str:
+    """A dense associative-recall text: definitions interleaved with queries of earlier definitions."""
+    names = distinct_names(rng, n_pairs)
+    values = [random_value(rng) for _ in names]
+    lines, defined = [], 0
+    queries_left = n_queries
+    while defined < n_pairs or queries_left > 0:
+        if defined < n_pairs and (defined == 0 or queries_left == 0 or rng.random() < 0.5):
+            lines.append(definition(names[defined], values[defined]))
+            defined += 1
+        else:
+            k = int(rng.integers(defined))
+            lines.append(query_prefix(names[k]) + values[k])
+            queries_left -= 1
+    return "\n".join(lines) + "\n"
+
+
+def plant_pairs(lines: list[str], rng: np.random.Generator, n_pairs: int) -> list[str]:
+    """``lines`` of real code with ``n_pairs`` definitions and, each at a random later line, its query."""
+    if len(lines) < 2:
+        return lines
+    names = distinct_names(rng, n_pairs)
+    inserts: dict[int, list[str]] = {}
+    for name in names:
+        value = random_value(rng)
+        i = int(rng.integers(0, len(lines) - 1))
+        j = int(rng.integers(i + 1, len(lines)))
+        inserts.setdefault(i, []).append(indent_of(lines[i]) + definition(name, value))
+        inserts.setdefault(j, []).append(indent_of(lines[j]) + query_prefix(name) + value)
+    out = []
+    for k, line in enumerate(lines):
+        out.extend(inserts.get(k, []))
+        out.append(line)
+    return out
