@@ -8,6 +8,8 @@ the language-model issue was filed), so training mixes these pairs in from the s
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 NAME_STEMS = ("SECRET", "KEY", "TOKEN", "CODE", "PIN", "MAGIC", "SEED", "LIMIT", "PORT", "SALT", "NONCE", "TAG",
@@ -80,3 +82,19 @@ def plant_pairs(lines: list[str], rng: np.random.Generator, n_pairs: int) -> lis
         out.extend(inserts.get(k, []))
         out.append(line)
     return out
+
+
+QUERY_RE = re.compile(r"assert _[A-Z]+_\d+ == (\d{%d})" % VALUE_DIGITS)
+
+
+def target_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the values that query lines must reproduce (the copy targets)."""
+    return [m.span(1) for m in QUERY_RE.finditer(text)]
+
+
+def repeated_words(rng: np.random.Generator, words: list[str], n: int) -> tuple[str, tuple[int, int]]:
+    """``n`` random words, then the same words again: the second copy is predictable only by copying
+    (the classic trigger for induction heads). Returns the text and the span of the second copy."""
+    seq = " ".join(words[int(i)] for i in rng.integers(0, len(words), n))
+    text = seq + "\n" + seq + "\n"
+    return text, (len(seq) + 1, len(text) - 1)
