@@ -11,7 +11,7 @@ from transformers.cache_utils import CacheLayerMixin
 from . import kernels
 from .attention import _set_pending
 from .errors import MemoryStateError, TokenmemError
-from .meta import FIELDS, TokenMeta
+from .meta import FIELDS, MODALITIES, TokenMeta
 
 if TYPE_CHECKING:
     from .memory import TokenMemory
@@ -30,6 +30,41 @@ def select_kept(scores: torch.Tensor, protect: torch.Tensor, valid: torch.Tensor
     # a stable sort of the slots newest-first: among equal keys the newer slot comes first
     order = torch.sort(key.flip(-1), dim=-1, descending=True, stable=True).indices[..., :keep]
     return torch.sort(n - 1 - order, dim=-1).values
+
+
+def whole_segments(meta: TokenMeta, scores: torch.Tensor, protect: torch.Tensor, valid: torch.Tensor,
+                   keep: int | None, threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment-granularity selection (``TokenMemory(evict_unit="segment")``): ``(protect, eligible)``, bool
+    ``[b, h, n]``, where whole *units* are kept or dropped.
+
+    A unit is all tokens of one segment (a video frame, a timestep) for tokens that are not text and have a
+    segment >= 0; every other token is a unit of its own. A unit scores the mean of its tokens' scores and is
+    protected whole when any of its tokens is protected. Units are taken protected first, then by score (ties:
+    the unit with the newest token first), as long as their tokens fit in ``keep`` (``None``: no cap); a
+    threshold evictor also needs its unit's score >= ``threshold``. Filling stops at the first unit that does
+    not fit, so fewer than ``keep`` tokens may stay, never more. Padding (``~valid``) belongs to no unit.
+    """
+    b, h, n = scores.shape
+    grouped = (meta.segment >= 0) & (meta.modality != MODALITIES["text"])
+    segment_ids = torch.unique(torch.where(grouped, meta.segment, -1), return_inverse=True)[1]  # compact ids
+    slot = torch.arange(n, device=scores.device).expand(b, h, n)
+    units = int(segment_ids.max()) + 1 + n
+    unit = torch.where(grouped, segment_ids, units - n + slot)  # [b, h, n] unit of each token
+    zeros = torch.zeros(b, h, units, device=scores.device)
+    size = zeros.scatter_add(2, unit, valid.float())  # [b, h, units] tokens per unit
+    total = zeros.scatter_add(2, unit, torch.where(valid, scores.float(), 0.0))
+    guarded = zeros.scatter_reduce(2, unit, (protect & valid).float(), "amax") > 0
+    newest = zeros.scatter_reduce(2, unit, torch.where(valid, slot, -1).float(), "amax")
+    key = torch.where(guarded, float("inf"), total / size.clamp(min=1))
+    key = torch.where(size > 0, key, float("-inf"))
+    # order units by key (descending), ties towards the newest unit: a stable sort of a newest-first order
+    order = torch.sort(newest, dim=-1, descending=True, stable=True).indices
+    order = order.gather(2, torch.sort(key.gather(2, order), dim=-1, descending=True, stable=True).indices)
+    fits = size.gather(2, order).cumsum(-1) <= (n if keep is None else keep)
+    if threshold is not None:
+        fits &= key.gather(2, order) >= threshold
+    kept = torch.zeros_like(fits).scatter(2, order, fits)
+    return guarded.gather(2, unit) & valid, kept.gather(2, unit) & valid
 
 
 class MemoryLayer(CacheLayerMixin):

@@ -18,13 +18,14 @@ from transformers.cache_utils import Cache
 
 from . import kernels
 from .attention import ModelContext, prepare_model
-from .layer import CROP_ERROR, MemoryLayer, select_kept
+from .layer import CROP_ERROR, MemoryLayer, select_kept, whole_segments
 from .errors import BudgetError, MemoryStateError, TokenmemError
 from .evictor import Evictor, LayerView, get_evictor
 from .meta import FIELDS, FLAGS, PAD, POSITION, ROPE, SEPARATOR, TOKEN, TokenMeta
 from .rope import rotate_by
 
 POSITION_MODES = ("original", "shift")
+EVICT_UNITS = ("token", "segment")
 DEFAULT_INTERVAL = 64
 
 
@@ -68,6 +69,9 @@ class TokenMemory(Cache):
             by default the tokenizer saved beside a local model is used when one exists.
         record_stats: always compute the per-key attention mass (``layer.mass``), even when the evictor
             does not need it.
+        evict_unit: ``"token"`` (each token kept or dropped on its own) or ``"segment"`` (all tokens of a
+            segment -- a video frame, a timestep -- kept or dropped together, scored by the mean of their
+            scores; text tokens and tokens with segment -1 stay per token; see :func:`whole_segments`).
         evictor_options: passed to the evictor's constructor when ``evictor`` is a name.
     """
 
@@ -82,6 +86,7 @@ class TokenMemory(Cache):
         tokenizer=None,
         separator_ids=None,
         record_stats: bool = False,
+        evict_unit: str = "token",
         **evictor_options,
     ):
         self.evictor = get_evictor(evictor, **evictor_options)
@@ -97,6 +102,12 @@ class TokenMemory(Cache):
             raise TokenmemError(f"interval must be a positive int (new tokens between evictions), got {interval!r}")
         if positions not in POSITION_MODES:
             raise TokenmemError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        if evict_unit not in EVICT_UNITS:
+            raise TokenmemError(
+                f"evict_unit must be one of {EVICT_UNITS}, got {evict_unit!r}; 'segment' keeps or drops all tokens "
+                "of a segment (a video frame, a timestep) together"
+            )
+        self.evict_unit = evict_unit
         if isinstance(self.budget, int) and self.evictor.evicts:
             self.evictor.check_budget(self.budget)
         self.interval = interval
@@ -159,8 +170,10 @@ class TokenMemory(Cache):
         return self.budget
 
     def annotate(self, meta: TokenMeta) -> None:
-        """Metadata (modality, segment, flags) for the tokens of the next forward call, ``[batch, tokens]``
-        fields; adapters call this. Positions and padding are always filled in by the memory."""
+        """Metadata (modality, segment, flags, token) for the tokens of the next forward call, ``[batch, tokens]``
+        fields; adapters call this. Positions and padding are always filled in by the memory. An annotated
+        ``token`` >= 0 is stored as given; -1 lets the memory record the input id (the video adapter stores
+        each frame token's index within its frame there, since every video token has the same input id)."""
         self._annotation = meta
 
     def stats(self) -> dict:
@@ -198,7 +211,9 @@ class TokenMemory(Cache):
         )
 
     def __repr__(self) -> str:
-        return f"TokenMemory(evictor={self.evictor!r}, budget={self.budget}, interval={self.interval}, positions={self.positions!r})"
+        unit = "" if self.evict_unit == "token" else f", evict_unit={self.evict_unit!r}"
+        return (f"TokenMemory(evictor={self.evictor!r}, budget={self.budget}, interval={self.interval}, "
+                f"positions={self.positions!r}{unit})")
 
     # -- the attention path (called by tokenmem.attention) -----------------------------------------
     def _chunk_meta(self, layer: MemoryLayer, q: int, mask2d, position_ids, device) -> torch.Tensor:
@@ -227,7 +242,7 @@ class TokenMemory(Cache):
         ids = self.context.last_input_ids if self.context is not None else None
         if ids is not None and tuple(ids.shape) == (b, q):
             ids = ids.to(device)
-            meta[..., TOKEN] = ids
+            meta[..., TOKEN] = torch.where(meta[..., TOKEN] >= 0, meta[..., TOKEN], ids)  # annotated values win
             if self.context.separator_ids is not None:
                 is_sep = torch.isin(ids, self.context.separator_ids.to(device))
                 meta[..., FLAGS] |= is_sep.long() * SEPARATOR
@@ -362,7 +377,8 @@ class TokenMemory(Cache):
         """Evict one layer down to ``keep`` tokens per (batch row, KV head).
 
         Threshold evictors (``evictor.threshold`` set, e.g. NAMM) keep the tokens scoring at least the
-        threshold, capped at ``keep`` when a budget is given. Rows and KV heads may then want different
+        threshold, capped at ``keep`` when a budget is given; with ``evict_unit="segment"`` whole segments
+        are kept or dropped (:func:`whole_segments`). Rows and KV heads may then want different
         counts: the memory keeps the largest count ``K`` in every row and head (tensors stay rectangular)
         and *masks* the surplus slots of the rows that wanted fewer (flag ``PAD``: never attended, and
         evicted first at the next update). Attention thus follows each head's own decision exactly.
@@ -376,19 +392,27 @@ class TokenMemory(Cache):
         protect = self.evictor.protect(view)
         protect = view.meta.is_protected if protect is None else (protect | view.meta.is_protected)
         protect = protect.expand(b, h, n) & valid
+        eligible = valid
+        segments = self.evict_unit == "segment"
+        if segments:
+            protect, eligible = whole_segments(view.meta, scores, protect, valid, keep, self.evictor.threshold)
         most = int(protect.sum(-1).max())
         if keep is not None and most > keep:
+            whole = " (with evict_unit='segment', whole segments of protected tokens)" if segments else ""
             raise BudgetError(
-                f"budget of {keep} tokens is smaller than the {most} tokens evictor {self.evictor.name!r} protects "
-                f"on layer {layer.index} (after {layer.seen} tokens seen); raise the budget or protect fewer tokens"
+                f"budget of {keep} tokens is smaller than the {most} tokens evictor {self.evictor.name!r} protects"
+                f"{whole} on layer {layer.index} (after {layer.seen} tokens seen); raise the budget or protect fewer "
+                "tokens"
             )
-        eligible = valid
-        if self.evictor.threshold is not None:
+        ragged = segments or self.evictor.threshold is not None  # rows and heads may keep different counts
+        if segments:
+            keep = max(1, int(eligible.sum(-1).max()))
+        elif self.evictor.threshold is not None:
             eligible = valid & ((scores >= self.evictor.threshold) | protect)
             count = max(1, int(eligible.sum(-1).max()))
             keep = count if keep is None else min(keep, count)
         index = select_kept(scores, protect, eligible, keep)
-        kept_ok = torch.gather(eligible, 2, index) if self.evictor.threshold is not None else None
+        kept_ok = torch.gather(eligible, 2, index) if ragged else None
         layer.compact(index)
         if kept_ok is not None and not bool(kept_ok.all()):  # ragged decisions: mask the surplus slots
             layer._meta[:, :, :keep, FLAGS] |= (~kept_ok).long() * PAD

@@ -66,7 +66,8 @@ class TokenMeta:
     - ``modality``: integer code (see :data:`MODALITIES`),
     - ``segment``: frame index, timestep, ... (0 when the modality has none),
     - ``flags``: bit set of :data:`SEPARATOR`, :data:`SINK`, :data:`PAD`, :data:`PROTECT`,
-    - ``token``: input id when known, else -1,
+    - ``token``: input id when known, else -1; for video tokens (modality ``frame``, whose input ids are all
+      the one placeholder) the video adapter stores the token's index inside its frame instead,
     - ``rope``: the position the stored key is currently rotated at (memory-internal; equals the model's
       position id in ``original`` mode).
     """
