@@ -1,4 +1,31 @@
-"""tokenmem.envs: gymnasium MuJoCo tasks, D4RL normalisation and offline datasets.
-
-Nothing ships here yet: the Decision Transformer work (its own issue) fills this package.
+"""tokenmem.envs: gymnasium MuJoCo tasks, D4RL normalisation, Minari datasets, and the scripts that make
+the offline data (:mod:`.make_dataset`, SAC behaviour policies) and train a Decision Transformer
+(:mod:`.train_dt`). Needs ``pip install tokenmem[rl]`` (``tokenmem[train]`` for the scripts).
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .tasks import TASKS, Task, check_state_dim, get_task, make_env, normalised_score
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+SHIPPED_DT = MODELS_DIR / "hopper-medium-dt"
+
+
+def shipped_dt_path() -> Path:
+    """The Decision Transformer tokenmem ships (Hopper-v5, trained on the medium dataset)."""
+    from tokenmem.errors import TokenmemError
+
+    if not (SHIPPED_DT / "config.json").exists():
+        raise TokenmemError(
+            f"the shipped Decision Transformer is not at {SHIPPED_DT}; pass --model PATH, or make it with "
+            "`python -m tokenmem.envs.make_dataset all --env Hopper-v5 --out runs/hopper-sac --root runs/datasets` "
+            "then `python -m tokenmem.envs.train_dt --dataset tokenmem/hopper/medium-v0 --root runs/datasets "
+            f"--out runs/dt-hopper --export {SHIPPED_DT}`"
+        )
+    return SHIPPED_DT
+
+
+__all__ = ["MODELS_DIR", "SHIPPED_DT", "TASKS", "Task", "check_state_dim", "get_task", "make_env",
+           "normalised_score", "shipped_dt_path"]

@@ -4,6 +4,7 @@
     tokenmem generate --model PATH --prompt-file F --evictor sink --budget 512
     tokenmem demo                          the memory mechanics on a small local model
     tokenmem evolve --task synthetic --generations 20 --out DIR   evolve a NAMM scorer (CMA-ES)
+    tokenmem rollout --env Hopper-v5 --evictor namm --budget 60   Decision Transformer episodes
     tokenmem video-qa --model PATH --video FILE --question "..." --frames 32   LLaVA-NeXT-Video QA
 """
 
@@ -121,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pkl when it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evolve)
+
+    from tokenmem.envs.rollout_cli import add_parser as add_rollout_parser  # Decision Transformer rollouts
+
+    add_rollout_parser(sub, _budget)
+
     from tokenmem.adapters.video_cli import add_parser as add_video_qa_parser  # LLaVA-NeXT-Video QA
 
     add_video_qa_parser(sub, _budget, _add_memory_args)

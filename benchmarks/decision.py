@@ -1,0 +1,206 @@
+"""Decision Transformer under a bounded memory: normalised scores per evictor, rollout speed, what NAMM keeps.
+
+Model: the shipped Hopper DT (``tokenmem/envs/models/hopper-medium-dt``, trained by
+``python -m tokenmem.envs.train_dt``) or ``--model PATH``. Episode ``i`` uses seed ``seed + i``, and
+``--batch`` episodes run together (one batch through the memory). Reported:
+
+1. quality: D4RL-normalised score (mean ± std over ``--episodes`` seeds) of the reference loop (the
+   official transformers example: last K steps re-encoded every step), the cached rollout with the full
+   history, and cached ``recent`` / ``sink`` / ``h2o`` / ``namm`` at the same ``--budget`` (60 tokens =
+   20 timesteps = the reference's K); NAMM uses ``--namm-scorer`` (e.g. the language-trained scorer) or,
+   without one, the initial scorer (marked as such in the table);
+2. speed: model steps per second (policy time only, no physics; batch 1, random states) at steady state,
+   for the reference re-encoding K steps vs the cache holding K steps, and the reference re-encoding
+   ``--history`` steps vs the cache holding ``--history`` steps (the issue's target: cached >= 5x there);
+3. a plot (``--plot``) of the token types (return / state / action) and ages (timesteps before the current
+   one) NAMM keeps, over every eviction of its rollouts.
+
+    python benchmarks/decision.py [--model PATH] [--episodes 10] [--budget 60] [--namm-scorer DIR]
+                                  [--history 200] [--out results.json] [--plot namm_kept.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+
+
+def quality(adapter, args, evictor, budget=None, label=None, record_kept=None) -> dict:
+    from tokenmem.adapters.decision import CachedPolicy, ReferencePolicy, rollout
+    from tokenmem.envs import make_env
+
+    returns, lengths, scores, seconds = [], [], [], 0.0
+    for first in range(0, args.episodes, args.batch):
+        seeds = list(range(args.seed + first, args.seed + min(args.episodes, first + args.batch)))
+        if evictor == "reference":
+            policy = ReferencePolicy(adapter)
+        else:
+            policy = CachedPolicy(adapter, evictor, budget, args.interval)
+            if record_kept is not None:
+                policy = _recording(policy, record_kept)
+        result = rollout(adapter, policy, [make_env(args.env) for _ in seeds], seeds, max_steps=args.max_steps)
+        returns += result.returns.tolist()
+        lengths += result.lengths.tolist()
+        scores += result.scores.tolist()
+        seconds += result.seconds
+    row = {"config": label or evictor, "budget": budget, "score_mean": float(np.mean(scores)),
+           "score_std": float(np.std(scores)), "return_mean": float(np.mean(returns)),
+           "length_mean": float(np.mean(lengths)), "env_steps_per_second": float(np.sum(lengths) / seconds),
+           "returns": returns}
+    print(f"  {row['config']:<28} score {row['score_mean']:6.1f} ± {row['score_std']:5.1f}   "
+          f"length {row['length_mean']:6.1f}", flush=True)
+    return row
+
+
+def _recording(policy, kept: dict):
+    """Wrap a CachedPolicy so that every eviction adds the kept tokens' modality and age to ``kept``."""
+    from tokenmem.meta import MODALITY_NAMES
+
+    start = policy.start
+
+    def start_and_hook(batch):
+        start(batch)
+        memory = policy.memory
+        evict = memory.evict_layer
+
+        def evict_and_count(layer, keep):
+            evict(layer, keep)
+            meta = layer.meta
+            valid = meta.valid
+            now = int(meta.segment[valid].max()) if bool(valid.any()) else 0
+            for code, count in Counter(meta.modality[valid].tolist()).items():
+                kept["modality"][MODALITY_NAMES[code]] += count
+            for age, count in Counter((now - meta.segment[valid]).tolist()).items():
+                kept["age"][age] += count
+
+        memory.evict_layer = evict_and_count
+
+    policy.start = start_and_hook
+    return policy
+
+
+def speed(adapter, plain_model, history: int, steps: int, seed: int) -> dict:
+    """Steady-state policy steps/s: reference re-encoding ``history`` steps vs a cache holding ``history``."""
+    from tokenmem.adapters.decision import CachedPolicy, ReferencePolicy
+
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(history + steps, 1, adapter.state_dim, generator=g)
+    alive = torch.ones(1, dtype=torch.bool)
+    out = {"history": history}
+    for name, policy in (("reference", ReferencePolicy(adapter, context=history, model=plain_model)),
+                         ("cached", CachedPolicy(adapter, "recent", budget=3 * history))):
+        policy.start(1)
+        rtg = torch.full((1,), 3.6)
+        for t in range(history):  # fill the window / the memory (not timed)
+            policy.act(t, rtg, states[t], alive)
+        t0 = time.perf_counter()
+        for t in range(history, history + steps):
+            policy.act(t, rtg, states[t], alive)
+        out[name] = steps / (time.perf_counter() - t0)
+    out["speedup"] = out["cached"] / out["reference"]
+    print(f"  history {history:>4} steps: reference {out['reference']:7.1f} steps/s, cached {out['cached']:7.1f} "
+          f"steps/s, cached/reference {out['speedup']:.2f}x", flush=True)
+    return out
+
+
+def plot(kept: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written (the counts are in the JSON output)")
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = ["return", "state", "action"]
+    total = sum(kept["modality"].values()) or 1
+    a.bar(names, [kept["modality"][n] / total for n in names], color=["#4c72b0", "#55a868", "#c44e52"])
+    a.set_ylabel("share of kept tokens")
+    a.set_title("token types NAMM keeps")
+    ages = sorted(kept["age"])
+    b.bar(ages, [kept["age"][x] for x in ages], width=1.0, color="#8172b2")
+    b.set_xlabel("age (timesteps before the current one)")
+    b.set_ylabel("kept tokens (all evictions, layers, heads)")
+    b.set_title("timesteps NAMM keeps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--env", default="Hopper-v5")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=int, default=60)
+    p.add_argument("--interval", type=int, default=None, help="evictions every N new tokens (default: evictor's)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--namm-scorer", default=None, help="NAMM scorer directory (default: NAMM's initial scorer)")
+    p.add_argument("--history", type=int, default=200)
+    p.add_argument("--speed-steps", type=int, default=50)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="write the results as JSON")
+    p.add_argument("--plot", default=None, help="write the NAMM plot (PNG)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from transformers import DecisionTransformerModel
+
+    from tokenmem.adapters.decision import DecisionAdapter
+    from tokenmem.envs import shipped_dt_path
+    from tokenmem.plugins.namm import NAMM
+
+    path = str(args.model or shipped_dt_path())
+    adapter = DecisionAdapter.from_pretrained(path)
+    adapter.env_id = adapter.env_id or args.env
+    plain = DecisionTransformerModel.from_pretrained(path).eval()  # sdpa, never prepared: the reference's model
+    namm = NAMM.from_file(args.namm_scorer) if args.namm_scorer else NAMM()
+    namm_label = "namm (scorer)" if args.namm_scorer else "namm (initial scorer)"
+    kept = {"modality": Counter(), "age": Counter()}
+
+    print(f"quality: {args.env}, {args.episodes} episodes from seed {args.seed}, budget {args.budget} tokens "
+          f"(= {args.budget // 3} timesteps), reference K={adapter.context}", flush=True)
+    rows = [quality(adapter, args, "reference", label=f"reference (K={adapter.context})"),
+            quality(adapter, args, "full", label="cached full history")]
+    for name in ("recent", "sink", "h2o"):
+        rows.append(quality(adapter, args, name, args.budget, label=f"cached {name}"))
+    rows.append(quality(adapter, args, namm, args.budget, label=f"cached {namm_label}", record_kept=kept))
+
+    print("speed (policy only, batch 1, steady state):", flush=True)
+    speeds = [speed(adapter, plain, adapter.context, args.speed_steps, args.seed),
+              speed(adapter, plain, args.history, args.speed_steps, args.seed)]
+
+    print()
+    print(f"| config | budget | normalised score | mean return | mean length |")
+    print(f"|---|---|---|---|---|")
+    for r in rows:
+        budget = "all" if r["budget"] is None and not r["config"].startswith("reference") else (
+            f"K={adapter.context}" if r["config"].startswith("reference") else r["budget"])
+        print(f"| {r['config']} | {budget} | {r['score_mean']:.1f} ± {r['score_std']:.1f} | {r['return_mean']:.1f} "
+              f"| {r['length_mean']:.1f} |")
+    print()
+    print("| history (timesteps) | reference steps/s | cached steps/s | cached / reference |")
+    print("|---|---|---|---|")
+    for s in speeds:
+        print(f"| {s['history']} | {s['reference']:.1f} | {s['cached']:.1f} | {s['speedup']:.2f}x |")
+    kept_json = {"modality": dict(kept["modality"]), "age": {str(k): v for k, v in sorted(kept["age"].items())}}
+    if args.plot:
+        plot(kept, args.plot)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"model": path, "settings": vars(args), "quality": rows, "speed": speeds,
+                       "namm_kept": kept_json}, f, indent=2)
+        print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
