@@ -68,7 +68,7 @@ PHASES = (
     Phase(150, 256, 32, 0.5, 0.4, (1, 6)),
     Phase(200, 512, 16, 0.2, 0.4, (1, 8)),
     Phase(200, 1024, 8, 0.1, 0.4, (1, 8)),
-    Phase(200, 2048, 4, 0.05, 0.4, (0, 6)),
+    Phase(150, 2048, 4, 0.05, 0.4, (0, 6)),
 )
 
 
@@ -275,9 +275,15 @@ def train(args) -> None:
         print(f"resumed at step {step} (phase 0 ended at {gate_step})", flush=True)
 
     evals = {d: retrieval_prompts(tok, held_lines, d, args.eval_prompts, args.seed) for d in (64, 256, 1024)}
+    done_seconds = 0.0
+    if step and (work / "log.jsonl").exists():  # keep only the log of steps the checkpoint includes
+        kept = [line for line in (work / "log.jsonl").read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        (work / "log.jsonl").write_text("".join(line + "\n" for line in kept))
+        done_seconds = json.loads(kept[-1])["elapsed"] if kept else 0.0
     log = open(work / "log.jsonl", "a")
     last_save = time.time()
-    t0 = time.time()
+    t0 = time.time() - done_seconds  # "elapsed" counts training time across resumptions
     while True:
         where = phase_at(step, gate_step)
         if where is None:
