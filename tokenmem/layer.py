@@ -245,6 +245,8 @@ class MemoryLayer(CacheLayerMixin):
             return
         index = index.to(self._k.device)
         self._map_buffers(lambda t: t[index])
+        if self.memory.bank is not None:  # the memory bank's streams follow their batch rows
+            self.memory.bank.select_batch(self.index, index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(beam_idx)

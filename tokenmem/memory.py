@@ -72,6 +72,9 @@ class TokenMemory(Cache):
         evict_unit: ``"token"`` (each token kept or dropped on its own) or ``"segment"`` (all tokens of a
             segment -- a video frame, a timestep -- kept or dropped together, scored by the mean of their
             scores; text tokens and tokens with segment -1 stay per token; see :func:`whole_segments`).
+        bank: ``True`` or a :class:`tokenmem.plugins.bank.Bank`: evicted tokens go to a MemLong-style memory bank
+            (host memory or disk) and the best-matching chunks are retrieved back into attention
+            (:mod:`tokenmem.plugins.bank`); ``memory.bank`` is the runtime bank. ``None``/``False``: no bank.
         evictor_options: passed to the evictor's constructor when ``evictor`` is a name.
     """
 
@@ -87,6 +90,7 @@ class TokenMemory(Cache):
         separator_ids=None,
         record_stats: bool = False,
         evict_unit: str = "token",
+        bank=None,
         **evictor_options,
     ):
         self.evictor = get_evictor(evictor, **evictor_options)
@@ -139,6 +143,11 @@ class TokenMemory(Cache):
         self._chunk: tuple | None = None
         self.has_padding = False
         super().__init__(layers=[MemoryLayer(self, i) for i in range(num_layers)])
+        self.bank = None
+        if bank is not None and bank is not False:  # the memory bank (plugins/bank.py)
+            from tokenmem.plugins.bank import make_bank
+
+            self.bank = make_bank(bank, self)
 
     # -- Cache API --------------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -152,6 +161,8 @@ class TokenMemory(Cache):
         self._annotation = None
         self._chunk = None
         self.has_padding = False
+        if self.bank is not None:
+            self.bank.reset()
 
     def crop(self, tokens_to_remove: int) -> None:
         raise MemoryStateError(CROP_ERROR)
@@ -177,7 +188,8 @@ class TokenMemory(Cache):
         self._annotation = meta
 
     def stats(self) -> dict:
-        """Tokens seen, held per layer, bytes allocated (all buffers), bytes of held keys/values, evictions."""
+        """Tokens seen, held per layer, bytes allocated (all buffers), bytes of held keys/values, evictions;
+        with a memory bank, ``"bank"``: its chunks, bytes (host, spilled, retrieved on the device) and drops."""
         held = [layer.held for layer in self.layers]
         kv_bytes = 0
         total = 0
@@ -186,6 +198,7 @@ class TokenMemory(Cache):
                 kv_bytes += layer.keys.numel() * layer._k.element_size() + layer.values.numel() * layer._v.element_size()
                 total += sum(t.numel() * t.element_size() for t in layer.buffers())
         seen = self.seen
+        bank = {} if self.bank is None else {"bank": self.bank.stats()}
         return {
             "seen": seen,
             "held": held,
@@ -196,6 +209,7 @@ class TokenMemory(Cache):
             "evictions": sum(layer.evictions for layer in self.layers),
             "evictor": self.evictor.name,
             "positions": self.positions,
+            **bank,
         }
 
     def summary(self) -> str:
@@ -279,21 +293,34 @@ class TokenMemory(Cache):
         if self.has_padding:
             key_valid = (layer._meta[:, :, :n, FLAGS] & PAD) == 0  # [b, h, n]
             query_valid = (chunk[:, 0, :, FLAGS] & PAD) == 0  # [b, q]
-        need_mass = self.record_stats or self.evictor.needs_stats
+        need_mass = self.record_stats or self.evictor.needs_stats or (self.bank is not None and self.bank.needs_mass)
+        extra = None if self.bank is None else self.bank.retrieve(layer, query, query_valid)  # banked tokens
         if layer.rows is None:
-            out, mass = kernels.attention_with_stats(
-                query, layer.keys, layer.values, scaling=scaling, causal=causal,
+            out, mass = self._kernel(
+                extra, query, layer.keys, layer.values, scaling=scaling, causal=causal,
                 key_valid=key_valid, query_valid=query_valid, need_mass=need_mass, dropout=dropout,
             )
             layer.mass = mass
             if self.evictor.needs_stats:
                 self.evictor.observe(self._view(layer, self.budget_tokens(layer.seen) or n, q))
         else:
-            out = self._attend_with_rows(layer, query, q, scaling, causal, key_valid, query_valid, need_mass, dropout)
+            out = self._attend_with_rows(layer, query, q, scaling, causal, key_valid, query_valid, need_mass, dropout,
+                                         extra)
+        if self.bank is not None:
+            self.bank.observe(layer)
         self._maybe_evict(layer, q)
         return out
 
-    def _attend_with_rows(self, layer, query, q, scaling, causal, key_valid, query_valid, need_mass, dropout):
+    @staticmethod
+    def _kernel(extra, query, keys, values, **kwargs):
+        """:func:`kernels.attention_with_stats`; with ``extra`` (tokens retrieved from the memory bank) their keys
+        are prepended to ``keys`` and the statistics still cover ``keys`` only (see ``Retrieved.attend``)."""
+        if extra is None:
+            return kernels.attention_with_stats(query, keys, values, **kwargs)
+        return extra.attend(query, keys, values, **kwargs)
+
+    def _attend_with_rows(self, layer, query, q, scaling, causal, key_valid, query_valid, need_mass, dropout,
+                          extra=None):
         """Attention for evictors that read attention rows (``stats_window`` > 0): the call's queries are
         processed in sub-chunks that fill the rows window exactly, and the evictor observes (and may
         consume) the rows after each sub-chunk, so every query's row reaches it whatever the call size."""
@@ -310,8 +337,8 @@ class TokenMemory(Cache):
             limit = n - q + s + c  # keys visible to this sub-chunk (causal by slot)
             rows = layer.rows[:, :, layer.row_count : layer.row_count + c, :limit]
             layer.rows[:, :, layer.row_count : layer.row_count + c, limit:n] = 0
-            out, part = kernels.attention_with_stats(
-                query[:, :, s : s + c], layer._k[:, :, :limit], layer._v[:, :, :limit], scaling=scaling,
+            out, part = self._kernel(
+                extra, query[:, :, s : s + c], layer._k[:, :, :limit], layer._v[:, :, :limit], scaling=scaling,
                 causal=causal, key_valid=None if key_valid is None else key_valid[..., :limit],
                 query_valid=None if query_valid is None else query_valid[:, s : s + c],
                 need_mass=need_mass, rows=rows, dropout=dropout,
@@ -413,6 +440,8 @@ class TokenMemory(Cache):
             keep = count if keep is None else min(keep, count)
         index = select_kept(scores, protect, eligible, keep)
         kept_ok = torch.gather(eligible, 2, index) if ragged else None
+        if self.bank is not None:  # the tokens leaving (or masked by a ragged decision) go to the memory bank
+            self.bank.capture(layer, index, kept_ok)
         layer.compact(index)
         if kept_ok is not None and not bool(kept_ok.all()):  # ragged decisions: mask the surplus slots
             layer._meta[:, :, :keep, FLAGS] |= (~kept_ok).long() * PAD
