@@ -12,6 +12,8 @@ from tokenmem.errors import TokenmemError
 from tokenmem.zoo import SCORERS_DIR, STDLIB_LM, corpus, lm_tasks, planting
 
 needs_model = pytest.mark.skipif(not (STDLIB_LM / "config.json").exists(), reason="shipped model not built")
+needs_scorer = pytest.mark.skipif(not (SCORERS_DIR / "language" / "scorer.json").exists(),
+                                  reason="the language scorer is not evolved yet (python -m tokenmem.zoo.evolve_language)")
 
 
 def test_corpus_is_deterministic_and_split_by_file(tmp_path):
@@ -119,7 +121,7 @@ def test_shipped_model_loads_with_plain_transformers_and_generates():
     tok = AutoTokenizer.from_pretrained(STDLIB_LM)
     assert tok.tokenize("12345") == ["1", "2", "3", "4", "5"]
     ids = tok("import os\n\ndef main():\n", return_tensors="pt").input_ids
-    memory = tokenmem.TokenMemory(model, tokenmem.plugins.namm.NAMM.pretrained("language"), budget=64)
+    memory = tokenmem.TokenMemory(model, "h2o", budget=64)
     out = model.generate(ids, past_key_values=memory, max_new_tokens=256, min_new_tokens=256, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 256
     assert memory.seen == out.shape[1] - 1
@@ -127,6 +129,16 @@ def test_shipped_model_loads_with_plain_transformers_and_generates():
 
 
 @needs_model
+def test_shipped_model_retrieves_with_full_cache():
+    task = lm_tasks.RetrievalTask(split="eval", distances=(256,))
+    model = task.load_model()
+    from tokenmem import TokenMemory
+
+    score = task.score(task.run(model, lambda: TokenMemory(model, "full")))
+    assert score >= 0.8
+
+
+@needs_scorer
 def test_shipped_scorer_loads():
     from tokenmem.plugins.namm import NAMM
 

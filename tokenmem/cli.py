@@ -2,7 +2,7 @@
 
     tokenmem evictors                      list registered evictors
     tokenmem generate --model PATH --prompt-file F --evictor sink --budget 512
-    tokenmem demo                          the memory mechanics on a small local model
+    tokenmem demo                          the shipped language model under every evictor
     tokenmem evolve --task synthetic --generations 20 --out DIR   evolve a NAMM scorer (CMA-ES)
     tokenmem rollout --env Hopper-v5 --evictor namm --budget 60   Decision Transformer episodes
     tokenmem video-qa --model PATH --video FILE --question "..." --frames 32   LLaVA-NeXT-Video QA
@@ -75,7 +75,7 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from . import demo
 
-    return demo.run(model_path=args.model, max_new_tokens=args.max_new_tokens)
+    return demo.run(model_path=args.model, budget=args.budget)
 
 
 def cmd_evolve(args) -> int:
@@ -101,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="show the memory at work on a small local model")
-    p.add_argument("--model", default=None, help="local model directory (default: a small model made locally)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p = sub.add_parser("demo", help="the shipped language model on two held-out prompts under every evictor")
+    p.add_argument("--model", default=None, help="local model directory (default: the shipped stdlib-llama)")
+    p.add_argument("--budget", type=float, default=0.25, help="fraction of the context each memory keeps")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("evolve", help="evolve a NAMM scorer with CMA-ES (also under torchrun --nproc_per_node N)")

@@ -1,10 +1,9 @@
-"""``tokenmem demo``: the memory at work on a small local Llama-architecture model.
+"""``tokenmem demo``: the memory at work on the shipped standard-library language model.
 
-Until the project ships a trained language model, the demo builds a small Llama (random weights,
-fixed seed) and a byte-level BPE tokenizer trained on a Python standard-library file, saves both with
-``save_pretrained`` under ``~/.cache/tokenmem/demo-llama`` and loads them back with the real
-``from_pretrained``. Its generated text is meaningless (the weights are random); what the demo shows
-is the memory: tokens seen vs held, KV bytes, decode speed, and which tokens each evictor kept.
+:func:`run` loads the model tokenmem trains and ships (``tokenmem/zoo/models/stdlib-llama``) with the
+real ``from_pretrained`` and runs two held-out prompts under every evictor. :func:`train_byte_bpe` (the
+tokenizer builder shared with the zoo and the tests) and :func:`build_demo_model` (a random-weight
+Llama for tests that need a model directory quickly) live here too.
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .errors import TokenmemError
 
 DEMO_DIR = Path(os.environ.get("TOKENMEM_CACHE", Path.home() / ".cache" / "tokenmem")) / "demo-llama"
 PROMPT_MODULE = "textwrap"
@@ -62,32 +63,52 @@ def build_demo_model(path: Path = DEMO_DIR) -> Path:
     return path
 
 
-def run(model_path: str | None = None, max_new_tokens: int = 48) -> int:
-    from tokenmem.adapters.text import TextAdapter
+def run(model_path: str | None = None, budget: float = 0.25) -> int:
+    """The main job: the shipped standard-library model answers two held-out long-context prompts
+    (a planted value ~1,000 tokens back, and the next line of a long file) with the full cache and with
+    every evictor at ``budget`` of the context, fed in 128-token chunks as a deployed memory would be."""
+    from tokenmem.memory import TokenMemory
+    from tokenmem.zoo import stdlib_lm_path
+    from tokenmem.zoo.lm_tasks import CodeCompletionTask, RetrievalTask, completion_line, retrieved_value
 
-    path = Path(model_path) if model_path else build_demo_model()
-    adapter = TextAdapter.from_pretrained(str(path), dtype=torch.float32)
-    adapter.model.generation_config.eos_token_id = None  # random weights: always decode the full length
-    prompt = _prompt_text()
-    n_prompt = adapter.encode(prompt)["input_ids"].shape[1]
-    print(f"model: {path} ({sum(p.numel() for p in adapter.model.parameters()) / 1e6:.1f} M params, "
-          f"{'random weights: the text is meaningless, the memory is the point' if model_path is None else 'local'})")
-    print(f"prompt: source of the stdlib module `{PROMPT_MODULE}` ({n_prompt} tokens), {max_new_tokens} new tokens")
-    budget = 256
-    print("\n| evictor | budget | held/layer | KV MiB | ms/token | separators among kept | first kept positions |")
-    print("|---|---|---|---|---|---|---|")
-    for evictor in ("full", "recent", "sink", "separator", "h2o"):
-        b = None if evictor == "full" else budget
-        start = time.perf_counter()
-        result = adapter.generate(prompt, evictor=evictor, budget=b, interval=32, max_new_tokens=max_new_tokens)
-        elapsed = time.perf_counter() - start
-        stats = result.memory.stats()
-        meta = result.memory.layers[-1].meta
-        seps = meta.is_separator[0, 0].float().mean().item()
-        first = meta.position[0, 0, :6].tolist()
-        print(f"| {evictor} | {b or 'all'} | {stats['held'][0]} | {stats['kv_bytes'] / 2**20:.2f} | "
-              f"{1000 * elapsed / (n_prompt + max_new_tokens):.2f}* | {100 * seps:.0f}% | {first} |")
-    print("\n* wall time of prefill + decode divided by all tokens (prefill dominates on this CPU);"
-          " see benchmarks/decode.py for per-token decode speed.")
-    print("\nlast generation (h2o):", repr(result.texts[0][:120]))
+    path = str(model_path or stdlib_lm_path())
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    retrieval = RetrievalTask(split="eval", distances=(1024,), limit=None, model_path=path)
+    retrieval.records, retrieval.prompts = retrieval.records[:1], retrieval.prompts[:1]
+    completion = CodeCompletionTask(split="eval", limit=1, model_path=path)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"model: {path} ({n_params:.1f} M params, trained here on the Python standard library)")
+    rec, crec = retrieval.records[0], completion.records[0]
+    print(f"retrieval prompt: {len(rec['input_ids'])} tokens; the value of `{rec['text'].rsplit('assert ', 1)[1][:-4]}` "
+          f"was set {rec['measured_distance']} tokens back; truth {rec['answer']}")
+    print(f"code-completion prompt: {len(crec['input_ids'])} tokens of {crec['file']}; next line: {crec['answer']!r}")
+    evictors: list[tuple[str, object]] = [("full", "full"), ("recent", "recent"), ("sink", "sink"),
+                                          ("separator", "separator"), ("h2o", "h2o")]
+    try:
+        from tokenmem.plugins.namm import NAMM
+
+        evictors.append(("namm (language scorer)", NAMM.pretrained("language")))
+    except TokenmemError as exc:
+        print(f"(namm skipped: {exc})")
+    print(f"\n| evictor | budget | KV held | retrieval answer | next line predicted | decode ms/token |")
+    print("|---|---|---|---|---|---|")
+    for label, ev in evictors:
+        b = None if ev == "full" else budget
+
+        def factory():
+            return TokenMemory(model, ev, budget=b)
+
+        r_out = retrieval.run(model, factory)[0]
+        c_out = completion.run(model, factory)[0]
+        answer = retrieved_value(retrieval.decoded([r_out])[0])
+        line = completion_line(completion.decoded([c_out])[0])
+        held = (r_out.extras["held_fraction"] + c_out.extras["held_fraction"]) / 2
+        ms = 1000 * c_out.extras["decode_s"] / max(1, c_out.extras["decode_calls"])
+        mark = "ok" if answer == rec["answer"] else "wrong"
+        print(f"| {label} | {'all' if b is None else f'{b:.0%}'} | {held:.0%} | {answer or '-'} ({mark}) | "
+              f"{line[:48]!r} | {ms:.1f} |")
+    print("\nKV held: fraction of the tokens seen that the memory held when the prompt ended (mean over layers).")
+    print("Full tables: python benchmarks/language.py (see README, Results).")
     return 0
