@@ -56,19 +56,10 @@ def load_tasks(limit: dict | None):
     from tokenmem.zoo.lm_tasks import CodeCompletionTask, PerplexityTask, RetrievalTask
 
     limit = limit or {}
+    per = max(1, limit["retrieval"] // 4) if limit.get("retrieval") else None  # balanced over the 4 distances
     tasks = {"code-completion": CodeCompletionTask(split="eval", limit=limit.get("code-completion")),
-             "retrieval": RetrievalTask(split="eval"),
+             "retrieval": RetrievalTask(split="eval", per_distance=per),
              "perplexity": PerplexityTask(split="eval", limit=limit.get("perplexity"))}
-    if limit.get("retrieval"):  # keep the distances balanced
-        r = tasks["retrieval"]
-        per = max(1, limit["retrieval"] // 4)
-        seen, keep = {}, []
-        for i, rec in enumerate(r.records):
-            if seen.get(rec["distance"], 0) < per:
-                seen[rec["distance"]] = seen.get(rec["distance"], 0) + 1
-                keep.append(i)
-        r.records = [r.records[i] for i in keep]
-        r.prompts = [r.prompts[i] for i in keep]
     return tasks
 
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 from hypothesis import settings
 
+import tokenmem
+
 settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None)
 settings.register_profile("dev", max_examples=40, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
@@ -105,3 +107,20 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer_dir):
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(path)
     return str(path)
+
+
+
+class Chooser(tokenmem.Evictor):
+    """A threshold evictor whose decisions differ per head (ragged): head 0 keeps even positions, head 1
+    multiples of 3, so the memory masks the surplus slots of head 1."""
+
+    name = "chooser"
+    threshold = 0.0
+
+    def score(self, view):
+        pos = view.meta.position
+        keep = torch.stack([pos[:, 0] % 2 == 0, pos[:, 1] % 3 == 0], dim=1)
+        return torch.where(keep, 1.0, -1.0)
+
+    def protect(self, view):
+        return view.newest(1)

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import tokenmem
-from conftest import padded_batch, tiny_model, twin
+from conftest import Chooser, padded_batch, tiny_model, twin
 from tokenmem.attention import tokenmem_attention
 from tokenmem.meta import FLAGS, PAD, POSITION, ROPE, TOKEN
 from tokenmem.plugins.bank import Bank, BankError
@@ -25,22 +25,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class Chooser(tokenmem.Evictor):
-    """A threshold evictor whose decisions differ per head (ragged): head 0 keeps even positions, head 1
-    multiples of 3, so the memory masks the surplus slots of head 1."""
-
-    name = "chooser"
-    threshold = 0.0
-
-    def score(self, view):
-        pos = view.meta.position
-        keep = torch.stack([pos[:, 0] % 2 == 0, pos[:, 1] % 3 == 0], dim=1)
-        return torch.where(keep, 1.0, -1.0)
-
-    def protect(self, view):
-        return view.newest(1)
 
 
 def namm():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokenmem
-from conftest import padded_batch, tiny_model, twin
+from conftest import Chooser, padded_batch, tiny_model, twin
 from tokenmem.plugins.namm import NAMM, NAMMConfig
 from tokenmem.plugins.namm.features import update_ema
 from tokenmem.plugins.namm.scorer import bam_scores, bam_scores_dense, initial_params, num_params, unflatten
@@ -98,21 +98,6 @@ def test_namm_generates_batch2_left_padded(family, dtype):
     for layer in memory.layers:
         assert layer.token_state["namm_ema"].dtype == torch.float32
         assert torch.isfinite(layer.token_state["namm_ema"]).all()
-
-
-class Chooser(tokenmem.Evictor):
-    """A threshold evictor whose decisions differ per head: head 0 keeps even positions, head 1 multiples of 3."""
-
-    name = "chooser"
-    threshold = 0.0
-
-    def score(self, view):
-        pos = view.meta.position
-        keep = torch.stack([pos[:, 0] % 2 == 0, pos[:, 1] % 3 == 0], dim=1)
-        return torch.where(keep, 1.0, -1.0)
-
-    def protect(self, view):
-        return view.newest(1)
 
 
 def test_ragged_per_head_counts_are_masked():

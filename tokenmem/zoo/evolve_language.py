@@ -33,14 +33,8 @@ def build_tasks(code_prompts: int, retrieval_per_distance: int, model_path: str 
         tag = f"@{int(budget * 100)}"
         code = CodeCompletionTask(name="code-completion", split="evolve", limit=code_prompts, budget=budget,
                                   model_path=model_path)
-        retrieval = RetrievalTask(name="retrieval", split="evolve", budget=budget, model_path=model_path)
-        keep, seen = [], {}
-        for i, rec in enumerate(retrieval.records):
-            if seen.get(rec["distance"], 0) < retrieval_per_distance:
-                seen[rec["distance"]] = seen.get(rec["distance"], 0) + 1
-                keep.append(i)
-        retrieval.records = [retrieval.records[i] for i in keep]
-        retrieval.prompts = [retrieval.prompts[i] for i in keep]
+        retrieval = RetrievalTask(name="retrieval", split="evolve", budget=budget, model_path=model_path,
+                                  per_distance=retrieval_per_distance)
         code.name, retrieval.name = "code-completion" + tag, "retrieval" + tag
         tasks += [code, retrieval]
     return tasks

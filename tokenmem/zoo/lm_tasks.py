@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import TokenmemError
+from ..plugins.namm.tasks import PromptTask
 from . import DATA_DIR, planting
 from .corpus import iter_files
 
@@ -179,15 +180,6 @@ def load_records(task: str, split: str, task_dir: Path = TASK_DIR) -> list[dict]
 # The tasks
 # ---------------------------------------------------------------------------------------------
 
-def _prompt_task_base():
-    from ..plugins.namm.tasks import PromptTask
-
-    return PromptTask
-
-
-PromptTask = _prompt_task_base()
-
-
 @dataclass
 class LanguageTask(PromptTask):
     """Base for the shipped language tasks: prompts from the shipped files, the shipped model."""
@@ -248,13 +240,21 @@ class RetrievalTask(LanguageTask):
     name: str = "retrieval"
     max_new_tokens: int = planting.VALUE_DIGITS
     distances: tuple | None = None  # keep only these distances
+    per_distance: int | None = None  # keep the first ``per_distance`` prompts of each distance
 
     def __post_init__(self):
         super().__post_init__()
-        if self.distances is not None:
-            keep = [i for i, r in enumerate(self.records) if r["distance"] in self.distances]
-            self.records = [self.records[i] for i in keep]
-            self.prompts = [self.prompts[i] for i in keep]
+        seen: dict[int, int] = {}
+        keep = []
+        for i, r in enumerate(self.records):
+            if self.distances is not None and r["distance"] not in self.distances:
+                continue
+            if self.per_distance is not None and seen.get(r["distance"], 0) >= self.per_distance:
+                continue
+            seen[r["distance"]] = seen.get(r["distance"], 0) + 1
+            keep.append(i)
+        self.records = [self.records[i] for i in keep]
+        self.prompts = [self.prompts[i] for i in keep]
 
     def per_prompt(self, outputs) -> list[float]:
         return [float(retrieved_value(g) == r["answer"]) for g, r in zip(self.decoded(outputs), self.records)]

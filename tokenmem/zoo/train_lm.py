@@ -175,42 +175,36 @@ def weighted_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
 
 
 @torch.no_grad()
-def repeat_accuracy(model, tok, words: list[str], seed: int, count: int = 16) -> float:
-    """Share of the second copy's tokens predicted right (teacher forcing) in repeated word runs."""
+def copy_accuracy(model, tok, samples) -> float:
+    """Share of target tokens predicted right (teacher forcing); ``samples`` yields ``(text, spans)``, the
+    character spans of each text whose tokens only copying can predict."""
     model.eval()
-    rng = np.random.default_rng([seed, 98])
     hits = total = 0
-    for _ in range(count):
-        text, (x, y) = planting.repeated_words(rng, words, 15)
+    for text, spans in samples:
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = torch.tensor([enc["input_ids"]])
         pred = model(input_ids=ids).logits[0].argmax(-1)
-        for k, (a, _) in enumerate(enc["offset_mapping"]):
-            if x <= a < y and k > 0:
-                total += 1
-                hits += int(pred[k - 1] == ids[0, k])
-    model.train()
-    return round(hits / max(1, total), 3)
-
-
-@torch.no_grad()
-def synthetic_digit_accuracy(model, tok, seed: int, count: int = 16) -> float:
-    """Share of query-value digits predicted right (teacher forcing) in dense synthetic recall texts."""
-    model.eval()
-    rng = np.random.default_rng([seed, 99])
-    hits = total = 0
-    for _ in range(count):
-        text = planting.synthetic_recall(rng, 8, 12)
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = torch.tensor([enc["input_ids"]])
-        pred = model(input_ids=ids).logits[0].argmax(-1)
-        for x, y in planting.target_spans(text):
+        for x, y in spans:
             for k, (a, _) in enumerate(enc["offset_mapping"]):
                 if x <= a < y and k > 0:
                     total += 1
                     hits += int(pred[k - 1] == ids[0, k])
     model.train()
     return round(hits / max(1, total), 3)
+
+
+def repeat_accuracy(model, tok, words: list[str], seed: int, count: int = 16) -> float:
+    """Copy accuracy on the second copy of repeated word runs."""
+    rng = np.random.default_rng([seed, 98])
+    runs = (planting.repeated_words(rng, words, 15) for _ in range(count))
+    return copy_accuracy(model, tok, ((text, [span]) for text, span in runs))
+
+
+def synthetic_digit_accuracy(model, tok, seed: int, count: int = 16) -> float:
+    """Copy accuracy on the query values of dense synthetic recall texts."""
+    rng = np.random.default_rng([seed, 99])
+    texts = (planting.synthetic_recall(rng, 8, 12) for _ in range(count))
+    return copy_accuracy(model, tok, ((text, planting.target_spans(text)) for text in texts))
 
 
 def retrieval_prompts(tok, code: CodeLines, distance: int, count: int, seed: int) -> list[tuple[list[int], str]]:
