@@ -187,9 +187,22 @@ def main(argv=None) -> int:
     p.add_argument("--no-matched", dest="matched", action="store_false",
                    help="skip the control rows (no bank, budget = the bank row's attended fraction)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-full", dest="full", action="store_false", help="skip the full-cache row")
     p.add_argument("--json", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--merge", nargs="+", default=None,
+                   help="merge JSON files written by --json (e.g. a run without namm and one with "
+                        "--evictors namm --no-full --skip-representatives --skip-shift) into one report")
     args = p.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(Path(x).read_text()) for x in args.merge]
+        meta = dict(parts[0]["meta"], wall_s=round(sum(d["meta"]["wall_s"] for d in parts), 1))
+        order = {b: i for i, b in enumerate(BUDGETS)}
+        rows = sorted((r for d in parts for r in d["rows"]),
+                      key=lambda r: (r["budget"] is not None, order.get(r["budget"], len(order)),
+                                     EVICTORS.index(r["method"]) if r["method"] in EVICTORS else -1))
+        return _finish(rows, [r for d in parts for r in d["representatives"]],
+                       [r for d in parts for r in d["shift"]], meta, args)
 
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -235,7 +248,8 @@ def main(argv=None) -> int:
         return row
 
     if not args.skip_main:
-        rows.append(run("full", None, None))
+        if args.full:
+            rows.append(run("full", None, None))
         for budget in args.budgets:
             for ev in args.evictors:
                 rows.append(run(ev, budget, None))
@@ -266,8 +280,14 @@ def main(argv=None) -> int:
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "wall_s": round(time.perf_counter() - t_start, 1)}
+    return _finish(rows, reps, shifts, meta, args)
+
+
+def _finish(rows, reps, shifts, meta, args) -> int:
+    """Write the markdown report (stdout, ``--out``) and the rows (``--json``)."""
+    model_path = meta["model"]
     text = [f"## Memory bank: retrieval exact match ({meta['date']})", "",
-            f"Model `{model_path}`, retrieval eval split ({len(records)} prompts), prefill chunks of {CHUNK}; bank "
+            f"Model `{model_path}`, retrieval eval split ({meta['prompts']} prompts), prefill chunks of {CHUNK}; bank "
             f"{meta['bank']}; {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}; "
             f"wall {meta['wall_s']} s.", ""]
     if rows:
