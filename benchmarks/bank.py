@@ -20,8 +20,9 @@ attended: (held + retrieved) / seen in the last prefill call, i.e. what the atte
 brings ``retrieve x chunk_size`` tokens back per layer and KV head); bank MiB: host + spilled bytes of the
 bank at the end of the prompt (mean over prompts); s/prompt: wall time per prompt.
 
-The representative measurement runs ``sink`` + bank at both budgets with ``representative="mean"`` and
-``"top"`` (at 25% also with ``retrieve_every=1`` and with the mean of the last 16 queries only), and reports
+The representative measurement runs ``sink`` + bank at both budgets with ``representative="max"``, ``"mean"``
+and ``"top"``, chunks scored against the mean of the call's last 8 queries (the default; at 25% also against
+the mean of all of the call's queries, and with ``retrieve_every=1``), and reports
 the same columns: which representative key puts the planted value back in view, and which gives the exact
 answer. The shift-position rows run ``sink`` with ``positions="shift"`` without the bank and with the
 retrieved keys placed before the cache (``-r .. -1``) or all at position 0 (MemLong's choice).
@@ -259,10 +260,10 @@ def main(argv=None) -> int:
                     rows.append(run(ev, matched, None, control="matched"))
     if not args.skip_representatives:
         for budget in args.budgets:
-            variants = [{}]
+            variants = [{}]  # the default query: the mean of the call's last 8 queries
             if budget == min(args.budgets):
-                variants += [{"retrieve_every": 1}, {"recent_queries": 16}]
-            for rep in ("mean", "top"):
+                variants += [{"recent_queries": None}, {"retrieve_every": 1}]
+            for rep in ("max", "mean", "top"):
                 for variant in variants:
                     bank = Bank(representative=rep, **{**overrides, **variant})
                     reps.append(run("sink", budget, bank, representative=rep,
@@ -276,7 +277,7 @@ def main(argv=None) -> int:
     sample = Bank(**overrides)
     meta = {"date": datetime.date.today().isoformat(), "model": model_path, "prompts": len(records),
             "bank": f"chunk_size={sample.chunk_size}, retrieve={sample.retrieve}, retrieve_every={sample.retrieve_every}, "
-                    f"representative={sample.representative}",
+                    f"representative={sample.representative}, recent_queries={sample.recent_queries}",
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "wall_s": round(time.perf_counter() - t_start, 1)}

@@ -263,9 +263,9 @@ class LayerBank:
         if inv_freq is not None:  # shift mode: compare content at one position (0), not eviction slots
             k = rotate_by(k, -m[..., ROPE], inv_freq)
         k = k.float()
-        if self.owner.options.representative == "mean":
-            return k.mean(dim=1)
-        return k[torch.arange(k.shape[0]), w.argmax(-1)]
+        if self.owner.options.representative == "top":
+            return k[torch.arange(k.shape[0]), w.argmax(-1)]
+        return k.mean(dim=1)  # "mean" (and "max", which scores every key but keeps the mean for inspection)
 
     # -- retrieval ----------------------------------------------------------------------------------
     def retrieve(self, query: torch.Tensor, query_valid: torch.Tensor | None) -> Retrieved:
@@ -305,16 +305,35 @@ class LayerBank:
         if inv_freq is not None:
             k = rotate_by(k, torch.where(ok, -self.pm[..., ROPE], 0), inv_freq)
         k = k.float() * ok[..., None]
-        if self.owner.options.representative == "mean":
+        if self.owner.options.representative != "top":
             return k.sum(2) / self.pn.clamp(min=1)[..., None]
         top = torch.where(ok, self.pw, float("-inf")).argmax(-1)  # [b, h]
         return torch.gather(k, 2, top[..., None, None].expand(-1, -1, 1, k.shape[-1]))[:, :, 0]
 
+    def _max_scores(self, qm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``representative="max"``: each chunk scores the best match of the query ``qm [b, h, d]`` among all
+        of its keys (exact maximum inner product over the chunk, as attention itself would pick), the
+        pending partial chunk likewise; returns ``([b, h, S], [b, h])`` with -inf for empty slots."""
+        inv_freq = self.owner._rotation()
+        keys = self.ck.float()  # [b, h, S, C, d]
+        P = self.pk.shape[2]
+        ok = torch.arange(P)[None, None] < self.pn[..., None]  # [b, h, P]
+        pending = self.pk.float()
+        if inv_freq is not None:  # shift mode: compare content at one position (0), not eviction slots
+            keys = rotate_by(keys, -self.cm[..., ROPE], inv_freq)
+            pending = rotate_by(pending, torch.where(ok, -self.pm[..., ROPE], 0), inv_freq)
+        scores = torch.einsum("bhd,bhscd->bhsc", qm, keys).amax(dim=-1).masked_fill(~self.used, float("-inf"))
+        pend = torch.einsum("bhd,bhpd->bhp", qm, pending).masked_fill(~ok, float("-inf")).amax(dim=-1)
+        return scores, pend
+
     def _select(self, query: torch.Tensor, query_valid: torch.Tensor | None) -> Retrieved:
         C, S = self.C, self.S
         qm = self._mean_query(query, query_valid).float()  # [b, h, d]
-        scores = torch.einsum("bhd,bhsd->bhs", qm, self.rep).masked_fill(~self.used, float("-inf"))
-        pend = (qm * self._pending_rep()).sum(-1).masked_fill(self.pn == 0, float("-inf"))
+        if self.owner.options.representative == "max":
+            scores, pend = self._max_scores(qm)
+        else:
+            scores = torch.einsum("bhd,bhsd->bhs", qm, self.rep).masked_fill(~self.used, float("-inf"))
+            pend = (qm * self._pending_rep()).sum(-1).masked_fill(self.pn == 0, float("-inf"))
         scores = torch.cat([scores, pend[..., None]], dim=-1)  # candidate S = the pending chunk
         top = scores.topk(min(self.owner.options.retrieve, S + 1), dim=-1)
         ok = top.values > float("-inf")  # [b, h, k]

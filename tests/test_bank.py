@@ -130,7 +130,8 @@ def batch_reference():
     return model, ids, mask, generate(model, ids, mask)
 
 
-@pytest.mark.parametrize("name,options", [("sink", {}), ("h2o", {"representative": "top"}), ("namm", {}),
+@pytest.mark.parametrize("name,options", [("sink", {}), ("h2o", {"representative": "top"}),
+                                          ("sink", {"representative": "mean", "recent_queries": None}), ("namm", {}),
                                           ("recent", {"spill": True})])
 def test_retrieving_every_banked_token_equals_full_attention(name, options, batch_reference, tmp_path):
     """Original positions: attending to [all banked tokens, live cache] is attending to every token."""
@@ -325,6 +326,32 @@ def test_the_chunk_a_query_matches_is_retrieved():
     assert (memory.bank.layers[0].hits[0, 0] - hits).tolist() == [0, 1, 0]
     torch.testing.assert_close(outputs[1], torch.full((D,), 2.0), rtol=0, atol=1e-3)  # chunk 1's value
     assert float((outputs[0] - 2.0).abs().min()) > 1.0  # without retrieval it is out of reach
+
+
+def one_key_chunks(representative):
+    """Chunk A (positions 0-3) holds one key ``6 e_1`` among three ``-2 e_1``; chunk B (4-7) four ``e_1``.
+    A query along ``e_1`` matches A's one key best (6 > 1) while B has the larger mean key (1 > 0)."""
+    memory = tokenmem.TokenMemory(None, "recent", budget=4, interval=4,
+                                  bank=Bank(chunk_size=4, retrieve=1, retrieve_every=1, representative=representative))
+    for keys, value in (([6.0, -2.0, -2.0, -2.0], 1.0), ([1.0] * 4, 2.0), ([0.0] * 4, 3.0), ([0.0] * 4, 4.0)):
+        k = torch.zeros(1, 1, 4, D)
+        k[0, 0, :, 1] = torch.tensor(keys)
+        live_k, live_v = memory.update(k, torch.full((1, 1, 4, D), value), 0)
+        tokenmem_attention(SimpleNamespace(layer_idx=0, is_causal=True), torch.zeros(1, 1, 4, D), live_k, live_v,
+                           None, scaling=1.0)
+    probe(memory, query_dir=1)
+    return memory.bank.layers[0].active.positions[0, 0].tolist()
+
+
+def test_max_scores_a_chunk_by_its_best_key_mean_by_its_mean_key():
+    assert one_key_chunks("max") == [0, 1, 2, 3]
+    assert one_key_chunks("mean") == [4, 5, 6, 7]
+
+
+def test_max_needs_the_keys_in_host_memory(tmp_path):
+    with pytest.raises(tokenmem.TokenmemError, match="host memory"):
+        Bank(representative="max", spill_dir=tmp_path)
+    assert Bank(spill_dir=tmp_path).representative == "mean" and Bank().representative == "max"
 
 
 def test_full_stream_drops_least_retrieved_chunk_first_ties_to_oldest():
