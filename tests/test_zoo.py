@@ -11,9 +11,6 @@ import torch
 from tokenmem.errors import TokenmemError
 from tokenmem.zoo import SCORERS_DIR, STDLIB_LM, corpus, lm_tasks, planting
 
-needs_model = pytest.mark.skipif(not (STDLIB_LM / "config.json").exists(), reason="shipped model not built")
-needs_scorer = pytest.mark.skipif(not (SCORERS_DIR / "language" / "scorer.json").exists(),
-                                  reason="the language scorer is not evolved yet (python -m tokenmem.zoo.evolve_language)")
 
 
 def test_corpus_is_deterministic_and_split_by_file(tmp_path):
@@ -111,7 +108,6 @@ def test_task_scoring_on_hand_made_outputs():
     assert task.score(outs) == expected
 
 
-@needs_model
 def test_shipped_model_loads_with_plain_transformers_and_generates():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -128,7 +124,6 @@ def test_shipped_model_loads_with_plain_transformers_and_generates():
     assert max(memory.stats()["held"]) <= 64 + memory.interval
 
 
-@needs_model
 def test_shipped_model_retrieves_with_full_cache():
     task = lm_tasks.RetrievalTask(split="eval", distances=(256,))
     model = task.load_model()
@@ -138,13 +133,24 @@ def test_shipped_model_retrieves_with_full_cache():
     assert score >= 0.8
 
 
-@needs_scorer
-def test_shipped_scorer_loads():
+def test_shipped_scorer_loads_and_runs_a_256_token_generate_on_the_shipped_model():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tokenmem
     from tokenmem.plugins.namm import NAMM
 
     namm = NAMM.pretrained("language")
     assert torch.isfinite(namm.params).all()
+    assert not torch.equal(namm.params, NAMM(namm.config).params)  # evolved, not the initial keep-all scorer
     log = json.loads((SCORERS_DIR / "language" / "evolution.json").read_text())
-    assert log["generations_done"] > 0
+    assert log["generations_done"] > 0 and log["final"] is not None
+    assert (SCORERS_DIR / "language" / "fitness_curve.png").stat().st_size > 0
+    model = AutoModelForCausalLM.from_pretrained(STDLIB_LM).eval()
+    ids = AutoTokenizer.from_pretrained(STDLIB_LM)("import os\n\ndef main():\n", return_tensors="pt").input_ids
+    memory = tokenmem.TokenMemory(model, namm, budget=64)
+    out = model.generate(ids, past_key_values=memory, max_new_tokens=256, min_new_tokens=256, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 256
+    assert memory.seen == out.shape[1] - 1
+    assert max(memory.stats()["held"]) <= 64 + memory.interval
     with pytest.raises(TokenmemError, match="no shipped NAMM scorer"):
         NAMM.pretrained("klingon")

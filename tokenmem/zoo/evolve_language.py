@@ -50,6 +50,8 @@ def plot_curve(log: dict, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(gens, log["mean_fitness"], "o-", label="mean of the search distribution")
     ax.plot(gens, log["best_fitness"], ".-", alpha=0.6, label="best member of the generation")
+    if log.get("final"):  # the mean after the last update: the shipped scorer
+        ax.plot([gens[-1] + 1], [log["final"]["mean_fitness"]], "*", markersize=12, label="final mean (shipped)")
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness (score / full-cache score, mean over tasks)")
     ax.grid(alpha=0.3)
