@@ -200,12 +200,55 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+TASKS = (("code-completion", 1), ("retrieval", 1), ("perplexity", -1))  # (column, +1 higher is better / -1 lower)
+
+
+def order(rows: list[dict]) -> list[dict]:
+    """Rows by budget (full first), then tokenmem evictors in :data:`EVICTORS` order, then kvpress presses."""
+    def key(r):
+        rank = EVICTORS.index(r["method"]) if r["method"] in EVICTORS else len(EVICTORS)
+        return (r.get("budget") is not None, r.get("budget") or 0.0, rank, r["method"])
+
+    return sorted(rows, key=key)
+
+
+def goal(rows: list[dict]) -> list[str]:
+    """The issue's goal, checked on the rows: NAMM at <= 50% KV scores at least as well as every other method
+    at equal or higher KV on every task, and comes within 2% of the full cache on at least one task."""
+    full = next((r for r in rows if r["method"] == "full"), None)
+    lines = []
+    for r in (r for r in rows if r["method"] == "namm" and r.get("kv_held") is not None and r["kv_held"] <= 0.5 + 1e-9):
+        beaten, close = [], []
+        for col, sign in TASKS:
+            if r.get(col) is None:
+                continue
+            for o in rows:
+                if (o is r or o["method"] in ("full", "namm") or o.get(col) is None or o.get("kv_held") is None
+                        or o["kv_held"] < r["kv_held"] - 1e-9):
+                    continue
+                if sign * (o[col] - r[col]) > 1e-9:
+                    beaten.append(f"{o['method']} {o['budget']:.0%} on {col} ({o[col]:g} vs {r[col]:g})")
+            if full is not None and full.get(col):
+                ratio = r[col] / full[col]
+                if (ratio >= 0.98) if sign > 0 else (ratio <= 1.02):
+                    close.append(f"{col} ({r[col]:g} vs full {full[col]:g})")
+        lines.append(f"- namm at {r['budget']:.0%}: " + ("at least as good as every other method at equal or higher KV"
+                     if not beaten else "beaten by " + "; ".join(beaten))
+                     + "; within 2% of full on " + (", ".join(close) if close else "no task") + ".")
+    return lines
+
+
 def report(rows: list[dict], meta: dict) -> str:
+    rows = order(rows)
     lines = [f"## Language report ({meta.get('date', '')})", "",
              f"Model `{meta.get('model')}`, eval split; machine: {meta.get('machine')}; "
              f"torch {meta.get('torch')}, transformers {meta.get('transformers')}; total wall time "
              f"{meta.get('wall_s')} s{' (quick)' if meta.get('quick') else ''}.", ""]
     lines += table(rows)
+    checks = goal(rows)
+    if checks:
+        lines += ["", "Goal (NAMM at <= 50% KV at least as good as every other method at equal or higher KV, and "
+                  "within 2% of the full cache on one task):"] + checks
     return "\n".join(lines) + "\n"
 
 
