@@ -1,7 +1,7 @@
 """Quickstart: a bounded memory under `model.generate`, on a small local model.
 
-Uses the demo model that `tokenmem demo` builds (random weights; a trained one is planned), so the
-text is meaningless; watch the memory summary instead.
+Uses the language model tokenmem trains and ships (``tokenmem/zoo/models/stdlib-llama``, a 4.7 M-parameter
+Llama trained on the Python standard library), loaded with the real ``from_pretrained``.
 
     python examples/quickstart.py [--model PATH]
 """
@@ -12,12 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tokenmem
-from tokenmem.demo import build_demo_model
+from tokenmem.zoo import stdlib_lm_path
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=None)
 args = parser.parse_args()
-path = args.model or str(build_demo_model())
+path = args.model or str(stdlib_lm_path())
 
 model = AutoModelForCausalLM.from_pretrained(path).eval()
 tokenizer = AutoTokenizer.from_pretrained(path)
@@ -31,4 +31,5 @@ for evictor in ("full", "sink", "h2o"):
         out = model.generate(**enc, past_key_values=memory, max_new_tokens=32, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     print(memory.summary())
+    print("  continuation of prompt 2:", repr(tokenizer.decode(out[1, enc.input_ids.shape[1]:], skip_special_tokens=True)))
     print("  kept positions (layer 0, row 0, head 0):", memory.layers[0].meta.position[0, 0, :8].tolist(), "...")
