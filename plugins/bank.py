@@ -20,25 +20,27 @@ chunks retrieved least often. This module is the training-free form of that idea
   compare on content rather than on the cache slot they were evicted from. The query is the mean of the
   call's last ``recent_queries`` (default 8) queries over the KV head's query group: a 128-token prefill
   chunk's mean query is dominated by its older tokens, while the newest few say what is being asked.
-  *Measured* (``benchmarks/bank.py``, shipped stdlib Llama, planted-value retrieval at 25% budget, sink +
-  bank): one mean key per chunk with all queries finds the value in 40% of prompts, the top-mass key 50%,
-  the best match over every key with the last 8 queries 83% / 72% on the two halves of the prompts at
-  512-1,536 tokens (README, "Memory bank"). ``"max"`` costs one ``[d] x [d, tokens]`` product per refresh
+  *Measured* (``benchmarks/bank.py``, shipped stdlib Llama, 48 planted-value retrieval prompts at 25% budget,
+  sink + bank, exact match): ``"max"`` 83.3% with the last 8 queries (43.8% with all of the call's queries),
+  ``"mean"`` 62.5% (39.6%), ``"top"`` 47.9% (50.0%); sink alone 0%, the full cache 85.4% (README, "Memory
+  bank"). ``"max"`` costs one ``[d] x [d, tokens]`` product per refresh
   over the banked keys of a stream (host memory), so it needs them in host memory: with ``spill_dir`` use
   ``"mean"`` or ``"top"``, whose one key per chunk stays in host memory.
 * **Retrieval.** For each forward call of a layer with a non-empty bank, every multi-token call (a prefill
-  chunk) and every ``retrieve_every`` decode steps, each (batch row, KV head) scores its chunks by the dot
-  product of the call's mean query (over the call's valid queries and the KV head's query group) with the
-  representatives and takes the best ``retrieve``. Their keys and values are copied to the device and
+  chunk) and every ``retrieve_every`` decode steps, each (batch row, KV head) scores its chunks against the
+  call's query (the mean of its last ``recent_queries`` valid queries over the KV head's query group, see
+  Representatives) and takes the best ``retrieve``. Their keys and values are copied to the device and
   *prepended* to the live keys given to :func:`tokenmem.kernels.attention_with_stats` (causality is by slot
   and bottom-right aligned, so every query sees them); the statistics (mass, attention rows) are sliced back to
   the live keys, so evictors see only what they manage. Positions: ``original`` mode uses the keys as stored
   (rotated at their original positions); in ``shift`` mode (cache slots are positions ``0 .. n-1``) the
-  retrieved keys are re-rotated, by default (``placement="before"``) to positions ``-r .. -1`` in stream order,
-  as if they came right before the cache; ``placement="zero"`` puts every retrieved key at position 0, which is
-  what MemLong's authors settled on (their README, github.com/Bui1dMySea/MemLong: re-assigning positions so
-  that retrieved chunks precede the current chunk "can lead to catastrophic information collapse", so they
-  set the retrieved chunks' positions to 0 -- in their fine-tuned setting).
+  retrieved keys are re-rotated, by default (``placement="zero"``) all to position 0, which is what MemLong's
+  authors settled on (their README, github.com/Bui1dMySea/MemLong: re-assigning positions so that retrieved
+  chunks precede the current chunk "can lead to catastrophic information collapse", so they set the retrieved
+  chunks' positions to 0 -- in their fine-tuned setting), or (``placement="before"``) to positions
+  ``-r .. -1`` in stream order, as if they came right before the cache. Measured training-free on the shipped
+  model (``benchmarks/bank.py``, sink + bank in shift mode): 95.8% / 95.8% exact match at 25% / 50% budget
+  with ``"zero"``, 93.8% / 95.8% with ``"before"``.
   Retrieved tokens are never added to the live cache; the set is replaced at the next refresh, so the device
   holds at most ``budget + interval + retrieve * chunk_size`` tokens per layer and KV head.
 * **Limit.** ``max_chunks`` bounds the chunks of each stream (layer, batch row, KV head). A full stream drops
@@ -67,7 +69,7 @@ from .bank_store import DroppedChunk, LayerBank, Retrieved
 __all__ = ["Bank", "BankError", "DroppedChunk", "MemoryBank", "Retrieved", "make_bank"]
 
 REPRESENTATIVES = ("max", "mean", "top")
-PLACEMENTS = ("before", "zero")
+PLACEMENTS = ("zero", "before")
 LOG_IN_STATS = 32  # dropped-chunk records listed by stats()
 DROP_LOG = 4096  # dropped-chunk records kept in MemoryBank.dropped (the counts are totals)
 
@@ -89,8 +91,8 @@ class Bank:
             ``"max"``, or ``"mean"`` with ``spill_dir``.
         recent_queries: score chunks with the mean of the call's last ``recent_queries`` queries (``None``: all of
             them); a long prefill chunk's mean query is dominated by its older tokens.
-        placement: ``shift`` mode only: retrieved keys at positions ``-r .. -1`` (``"before"``) or all at 0
-            (``"zero"``, MemLong's choice); ``original`` mode keeps their original positions.
+        placement: ``shift`` mode only: retrieved keys all at position 0 (``"zero"``, MemLong's choice, the default)
+            or at positions ``-r .. -1`` (``"before"``); ``original`` mode keeps their original positions.
     """
 
     chunk_size: int = 64
@@ -100,7 +102,7 @@ class Bank:
     spill_dir: str | os.PathLike | None = None
     representative: str | None = None
     recent_queries: int | None = 8
-    placement: str = "before"
+    placement: str = "zero"
 
     def __post_init__(self):
         def count(name, value, low):
