@@ -154,3 +154,16 @@ def test_shipped_scorer_loads_and_runs_a_256_token_generate_on_the_shipped_model
     assert max(memory.stats()["held"]) <= 64 + memory.interval
     with pytest.raises(TokenmemError, match="no shipped NAMM scorer"):
         NAMM.pretrained("klingon")
+
+
+def test_demo_runs_every_evictor_and_the_bank_recovers_the_value(capsys):
+    """`tokenmem demo` (the README's main command) on the shipped model and scorer."""
+    from tokenmem.demo import run
+
+    assert run() == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    for label in ("full", "recent", "sink", "separator", "h2o", "namm (language scorer)", "sink + memory bank"):
+        assert label in rows, out
+    assert "(ok)" in rows["full"] and "(ok)" in rows["sink + memory bank"]
+    assert "(wrong)" in rows["sink"]  # the value was evicted; the bank brought it back

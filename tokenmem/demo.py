@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from .errors import TokenmemError
 
 DEMO_DIR = Path(os.environ.get("TOKENMEM_CACHE", Path.home() / ".cache" / "tokenmem")) / "demo-llama"
 PROMPT_MODULE = "textwrap"
@@ -84,21 +83,21 @@ def run(model_path: str | None = None, budget: float = 0.25) -> int:
     print(f"retrieval prompt: {len(rec['input_ids'])} tokens; the value of `{rec['text'].rsplit('assert ', 1)[1][:-4]}` "
           f"was set {rec['measured_distance']} tokens back; truth {rec['answer']}")
     print(f"code-completion prompt: {len(crec['input_ids'])} tokens of {crec['file']}; next line: {crec['answer']!r}")
-    evictors: list[tuple[str, object]] = [("full", "full"), ("recent", "recent"), ("sink", "sink"),
-                                          ("separator", "separator"), ("h2o", "h2o")]
-    try:
-        from tokenmem.plugins.namm import NAMM
+    from tokenmem.plugins.bank import Bank
+    from tokenmem.plugins.namm import NAMM
 
-        evictors.append(("namm (language scorer)", NAMM.pretrained("language")))
-    except TokenmemError as exc:
-        print(f"(namm skipped: {exc})")
+    evictors: list[tuple[str, object, object]] = [("full", "full", None), ("recent", "recent", None),
+                                                  ("sink", "sink", None), ("separator", "separator", None),
+                                                  ("h2o", "h2o", None),
+                                                  ("namm (language scorer)", NAMM.pretrained("language"), None),
+                                                  ("sink + memory bank", "sink", Bank())]
     print(f"\n| evictor | budget | KV held | retrieval answer | next line predicted | decode ms/token |")
     print("|---|---|---|---|---|---|")
-    for label, ev in evictors:
+    for label, ev, bank in evictors:
         b = None if ev == "full" else budget
 
         def factory():
-            return TokenMemory(model, ev, budget=b)
+            return TokenMemory(model, ev, budget=b, bank=bank)
 
         r_out = retrieval.run(model, factory)[0]
         c_out = completion.run(model, factory)[0]
@@ -109,6 +108,7 @@ def run(model_path: str | None = None, budget: float = 0.25) -> int:
         mark = "ok" if answer == rec["answer"] else "wrong"
         print(f"| {label} | {'all' if b is None else f'{b:.0%}'} | {held:.0%} | {answer or '-'} ({mark}) | "
               f"{line[:48]!r} | {ms:.1f} |")
-    print("\nKV held: fraction of the tokens seen that the memory held when the prompt ended (mean over layers).")
+    print("\nKV held: fraction of the tokens seen that the memory held when the prompt ended (mean over layers);"
+          "\nthe memory bank keeps evicted tokens in host memory and brings the best-matching chunks back.")
     print("Full tables: python benchmarks/language.py (see README, Results).")
     return 0
