@@ -198,10 +198,11 @@ def main(argv=None) -> int:
     if args.merge:
         parts = [json.loads(Path(x).read_text()) for x in args.merge]
         meta = dict(parts[0]["meta"], wall_s=round(sum(d["meta"]["wall_s"] for d in parts), 1))
-        order = {b: i for i, b in enumerate(BUDGETS)}
-        rows = sorted((r for d in parts for r in d["rows"]),
-                      key=lambda r: (r["budget"] is not None, order.get(r["budget"], len(order)),
+        rows = sorted((r for d in parts for r in _with_blocks(d["rows"])),
+                      key=lambda r: (r["_block"] is not None, r["_block"] or 0.0,
                                      EVICTORS.index(r["method"]) if r["method"] in EVICTORS else -1))
+        for r in rows:
+            del r["_block"]
         return _finish(rows, [r for d in parts for r in d["representatives"]],
                        [r for d in parts for r in d["shift"]], meta, args)
 
@@ -282,6 +283,17 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "transformers": transformers.__version__,
             "wall_s": round(time.perf_counter() - t_start, 1)}
     return _finish(rows, reps, shifts, meta, args)
+
+
+def _with_blocks(rows: list[dict]) -> list[dict]:
+    """Tag each main row with the budget of its block (a matched-budget control row follows the bank row it
+    controls and has another budget), so merged rows sort by block and keep off / on / control together."""
+    block = None
+    for r in rows:
+        if not r.get("control"):
+            block = r["budget"]
+        r["_block"] = block
+    return rows
 
 
 def _finish(rows, reps, shifts, meta, args) -> int:

@@ -12,7 +12,6 @@ from tokenmem.errors import TokenmemError
 from tokenmem.zoo import SCORERS_DIR, STDLIB_LM, corpus, lm_tasks, planting
 
 
-
 def test_corpus_is_deterministic_and_split_by_file(tmp_path):
     root = tmp_path / "lib"
     (root / "pkg").mkdir(parents=True)

@@ -9,7 +9,6 @@ Llama for tests that need a model directory quickly) live here too.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -91,7 +90,7 @@ def run(model_path: str | None = None, budget: float = 0.25) -> int:
                                                   ("h2o", "h2o", None),
                                                   ("namm (language scorer)", NAMM.pretrained("language"), None),
                                                   ("sink + memory bank", "sink", Bank())]
-    print(f"\n| evictor | budget | KV held | retrieval answer | next line predicted | decode ms/token |")
+    print("\n| evictor | budget | KV held | retrieval answer | next line predicted | decode ms/token |")
     print("|---|---|---|---|---|---|")
     for label, ev, bank in evictors:
         b = None if ev == "full" else budget
