@@ -230,3 +230,31 @@ def test_rollout_cli_video(dt_dir, tmp_path, capsys):
         assert frames.shape[0] == 6 and frames.shape[-1] == 3 and frames.std() > 1
     else:
         assert "cannot render offscreen" in captured.err and not video.exists()
+
+
+def test_decision_benchmark_runs_and_reports(dt_dir, tmp_path, capsys):
+    """benchmarks/decision.py end to end on a tiny DT: every row, both speed settings, NAMM's kept tokens."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decision.py"
+    spec = importlib.util.spec_from_file_location("decision_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "decision.json"
+    assert bench.main(["--model", dt_dir, "--episodes", "2", "--batch", "2", "--max-steps", "30", "--budget", "12",
+                       "--history", "8", "--speed-steps", "3", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    configs = [r["config"] for r in result["quality"]]
+    assert configs == ["reference (K=20)", "cached full history", "cached recent", "cached sink", "cached h2o",
+                       "cached namm (initial scorer)"]
+    for row in result["quality"]:
+        assert len(row["returns"]) == 2 and np.isfinite(row["score_mean"])
+    assert [s["history"] for s in result["speed"]] == [20, 8]
+    for s in result["speed"]:
+        assert s["reference"] > 0 and s["cached"] > 0 and s["cached_full"] > 0
+    kept = result["namm_kept"]["modality"]
+    assert set(kept) <= {"return", "state", "action"} and sum(kept.values()) > 0  # NAMM evicted at budget 12
+    table = capsys.readouterr().out
+    assert "| cached namm (initial scorer) | 12 |" in table

@@ -59,7 +59,9 @@ def test_cpu_backend_equals_reference(q, n, hq, hkv, padded, dtype, tol):
         assert torch.all(out[~live] == 0)
 
 
-def test_compaction_equals_reference_and_reads_only_live_slots():
+@pytest.mark.parametrize("block", [5, None])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_compaction_equals_reference_and_reads_only_live_slots(block, contiguous):
     g = torch.Generator().manual_seed(5)
     b, h, cap, n, k = 2, 3, 70, 61, 23
     keys = torch.randn(b, h, cap, 16, generator=g)
@@ -70,7 +72,11 @@ def test_compaction_equals_reference_and_reads_only_live_slots():
     index = torch.sort(torch.stack([torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(h)])
                                     for _ in range(b)]), dim=-1).values
     ours = [keys.clone(), meta.clone(), state.clone()]
-    cpu.compact_(ours, index, block=5)
+    if not contiguous:  # the gather path: buffers that are views with gaps between slots
+        ours = [torch.cat([t, torch.zeros_like(t)], dim=-1)[..., : t.shape[-1]] if t.dim() == 4
+                else torch.stack([t, t], dim=-1)[..., 0] for t in ours]
+        assert not any(t.is_contiguous() for t in ours)
+    cpu.compact_(ours, index, block=block)
     expected = [reference.gather_tokens(t[:, :, :n], index) for t in (keys, meta, state)]
     for got, exp, orig in zip(ours, expected, (keys, meta, state)):
         assert torch.equal(got[:, :, :k], exp)

@@ -6,8 +6,8 @@ the kernel behind sdpa, which also returns the LSE); with a chunk of new queries
 runs twice (cached keys, then the causal square of the new ones) and the halves are merged through
 their LSEs. With padded keys, pass 1 is a blocked torch loop (LSE first, then the output from
 ``exp(s - lse)``). Pass 2 recomputes ``exp(s - lse)`` block by block (query block x key block) and
-sums it into the per-key mass and the rows of the newest queries. Decoding (one query) takes a
-direct path: one row of scores per head is small.
+sums it into the per-key mass and the rows of the newest queries. Decoding and short chunks (whose
+``q x n`` scores fit one query block x key block) take a direct path: one softmax, no second pass.
 
 Without padding, pass 2 is the same fused kernel run on the transposed problem (see
 :func:`_mass_transposed`); only the rows of the newest queries (NAMM's window) take the blocked loop.
@@ -15,6 +15,8 @@ The two-pass / online-softmax structure follows FlashAttention (Dao et al. 2022,
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -45,8 +47,8 @@ def attention_with_stats(
     if mask is not None or dropout > 0.0:
         raise TokenmemError("the cpu backend takes no extra mask or dropout; the dispatcher routes those to reference")
     q = query.shape[2]
-    if q == 1:
-        return _decode(query, key, value, scaling, key_valid, query_valid, need_mass, rows)
+    if q == 1 or q * key.shape[2] <= block_q * block_k:
+        return _small(query, key, value, scaling, causal, key_valid, query_valid, need_mass, rows)
     if key_valid is None:  # no padding: fused kernels for everything
         out, lse = _flash(query, key, value, scaling, causal)
         mass = None
@@ -66,29 +68,35 @@ def attention_with_stats(
                         need_mass, rows, True, block_q, block_k)
 
 
-# -- decode -----------------------------------------------------------------------------------
-def _decode(query, key, value, scaling, key_valid, query_valid, need_mass, rows):
-    b, hq, _, d = query.shape
-    hkv, dv = key.shape[1], value.shape[-1]
+# -- short chunks (decode) ---------------------------------------------------------------------
+def _small(query, key, value, scaling, causal, key_valid, query_valid, need_mass, rows):
+    """Decoding and short chunks (``q * n <= block_q * block_k``): the scores of every query fit in one block,
+    so one softmax gives the output, the mass and the rows with no second pass (no per-call kernel overhead
+    of the two-pass path, which dominates for a few new tokens over a short cache)."""
+    b, hq, q, d = query.shape
+    hkv, n, dv = key.shape[1], key.shape[2], value.shape[-1]
     g = hq // hkv
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
-    qg = query.reshape(b, hkv, g, d).to(compute)
-    scores = torch.matmul(qg, key.to(compute).transpose(-1, -2)).mul_(scaling)  # [b, hkv, g, n]
+    qg = query.reshape(b, hkv, g * q, d).to(compute)
+    scores = torch.matmul(qg, key.to(compute).transpose(-1, -2)).mul_(scaling).view(b, hkv, g, q, n)
+    if causal and q > 1:  # query i sees keys up to n - q + i
+        hidden = torch.ones(q, q, dtype=torch.bool, device=query.device).triu_(1)
+        scores[..., n - q :].masked_fill_(hidden, _NEG_INF)
     if key_valid is not None:
-        scores.masked_fill_(~key_valid[:, :, None, :], _NEG_INF)
+        scores.masked_fill_(~key_valid[:, :, None, None, :], _NEG_INF)
     probs = torch.softmax(scores, dim=-1)
     if key_valid is not None:
-        probs = probs.nan_to_num_(0.0)
-    out = torch.matmul(probs, value.to(compute)).view(b, hq, 1, dv).to(query.dtype)
+        probs = probs.nan_to_num_(0.0)  # a query with no visible key attends to nothing
+    if query_valid is not None:
+        probs.mul_(query_valid[:, None, None, :, None].to(compute))
+    out = torch.matmul(probs.view(b, hkv, g * q, n), value.to(compute)).view(b, hq, q, dv).to(query.dtype)
     mass = None
     if need_mass or rows is not None:
-        col = probs.mean(dim=2)  # [b, hkv, n]
-        if query_valid is not None:
-            col = col * query_valid[:, :1, None].to(compute)
-        col = col.to(torch.float32)
+        per_query = probs.mean(dim=2)  # [b, hkv, q, n]: mean over the group's query heads
         if rows is not None:
-            rows[:, :, 0] = col
-        mass = col if need_mass else None
+            rows.copy_(per_query[:, :, q - rows.shape[2] :])
+        if need_mass:
+            mass = per_query.sum(dim=2).to(torch.float32)
     return out, mass
 
 
@@ -243,19 +251,37 @@ def _column_pass(query, key, value, lse, scaling, causal, key_valid, query_valid
 
 
 # -- compaction -------------------------------------------------------------------------------
-COMPACT_BLOCK = 512
+COMPACT_BLOCK = 512  # minimum rows per block
+COMPACT_BLOCK_BYTES = 4 << 20  # a block's temporary holds at most about this much (or COMPACT_BLOCK rows)
 
 
-def compact_(buffers: list[torch.Tensor], index: torch.Tensor, block: int = COMPACT_BLOCK) -> None:
+def compact_(buffers: list[torch.Tensor], index: torch.Tensor, block: int | None = None) -> None:
     """In-place compaction: slot ``index[b, h, j]`` -> slot ``j``, walking ``j`` in ascending blocks.
 
     Safe in place because ``index`` is ascending (``index[j] >= j``): a block's sources are read into a
     block-sized temporary before its slots are written, and later blocks only read slots past it.
+    A contiguous buffer is read as rows ``[b * h * capacity, ...]`` with one ``index_select`` per block
+    (3-10x faster than ``gather`` with an expanded index); other buffers use ``gather``. ``block``: rows
+    per block (default: as many as fit in ``COMPACT_BLOCK_BYTES``, at least ``COMPACT_BLOCK``).
     """
-    k = index.shape[-1]
+    b, h, k = index.shape
+    base = None
     for buffer in buffers:
         trailing = buffer.shape[3:]
-        for j in range(0, k, block):
-            idx = index[:, :, j : j + block]
+        row_bytes = max(1, b * h * math.prod(trailing) * buffer.element_size())
+        rows = block if block is not None else max(COMPACT_BLOCK, COMPACT_BLOCK_BYTES // row_bytes)
+        if buffer.is_contiguous():
+            cap = buffer.shape[2]
+            if base is None or base[1] != cap:
+                base = ((torch.arange(b * h, dtype=index.dtype, device=index.device) * cap).view(b, h, 1), cap)
+            flat = buffer.view(b * h * cap, *trailing)
+            for j in range(0, k, rows):
+                idx = index[:, :, j : j + rows]
+                n = idx.shape[2]
+                picked = flat.index_select(0, (idx + base[0]).reshape(-1))
+                buffer[:, :, j : j + n] = picked.view(b, h, n, *trailing)
+            continue
+        for j in range(0, k, rows):
+            idx = index[:, :, j : j + rows]
             idx = idx.view(*idx.shape, *([1] * len(trailing))).expand(*idx.shape, *trailing)
             buffer[:, :, j : j + idx.shape[2]] = torch.gather(buffer, 2, idx)
