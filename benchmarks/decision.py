@@ -7,8 +7,8 @@ Model: the shipped Hopper DT (``tokenmem/envs/models/hopper-medium-dt``, trained
 1. quality: D4RL-normalised score (mean ± std over ``--episodes`` seeds) of the reference loop (the
    official transformers example: last K steps re-encoded every step), the cached rollout with the full
    history, and cached ``recent`` / ``sink`` / ``h2o`` / ``namm`` at the same ``--budget`` (60 tokens =
-   20 timesteps = the reference's K); NAMM uses ``--namm-scorer`` (e.g. the language-trained scorer) or,
-   without one, the initial scorer (marked as such in the table);
+   20 timesteps = the reference's K); NAMM uses ``--namm-scorer``: by default the shipped scorer evolved
+   on language (``NAMM.pretrained("language")``), unchanged; ``initial`` for the untrained initial scorer;
 2. speed: model steps per second (policy time only, no physics; batch 1, random states) at steady state,
    for the reference re-encoding K steps vs the cache holding K steps, and the reference re-encoding
    ``--history`` steps vs the cache holding ``--history`` steps (the issue's target: cached >= 5x there),
@@ -16,7 +16,7 @@ Model: the shipped Hopper DT (``tokenmem/envs/models/hopper-medium-dt``, trained
 3. a plot (``--plot``) of the token types (return / state / action) and ages (timesteps before the current
    one) NAMM keeps, over every eviction of its rollouts.
 
-    python benchmarks/decision.py [--model PATH] [--episodes 10] [--budget 60] [--namm-scorer DIR]
+    python benchmarks/decision.py [--model PATH] [--episodes 10] [--budget 60] [--namm-scorer language|initial|DIR]
                                   [--history 200] [--out results.json] [--plot namm_kept.png]
 """
 
@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=60)
     p.add_argument("--interval", type=int, default=None, help="evictions every N new tokens (default: evictor's)")
     p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--namm-scorer", default=None, help="NAMM scorer directory (default: NAMM's initial scorer)")
+    p.add_argument("--namm-scorer", default="language", help="NAMM scorer: a shipped name, a directory, or 'initial' "
+                   "(default: the shipped language-trained scorer)")
     p.add_argument("--history", type=int, default=200)
     p.add_argument("--speed-steps", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
@@ -169,8 +170,9 @@ def main(argv=None) -> int:
     adapter = DecisionAdapter.from_pretrained(path)
     adapter.env_id = adapter.env_id or args.env
     plain = DecisionTransformerModel.from_pretrained(path).eval()  # sdpa, never prepared: the reference's model
-    namm = NAMM.from_file(args.namm_scorer) if args.namm_scorer else NAMM()
-    namm_label = "namm (scorer)" if args.namm_scorer else "namm (initial scorer)"
+    namm = NAMM.load(args.namm_scorer)
+    namm_label = {"language": "namm (language-trained scorer)", "initial": "namm (initial scorer)"}.get(
+        args.namm_scorer, f"namm ({args.namm_scorer})")
     kept = {"modality": Counter(), "age": Counter()}
 
     print(f"quality: {args.env}, {args.episodes} episodes from seed {args.seed}, budget {args.budget} tokens "

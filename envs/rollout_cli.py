@@ -25,7 +25,8 @@ def add_parser(sub, budget_type) -> None:
     p.add_argument("--budget", type=budget_type, default=None, help="tokens kept per layer and head (3 per timestep)")
     p.add_argument("--interval", type=int, default=None, help="new tokens between evictions (default: the evictor's)")
     p.add_argument("--evict-timesteps", action="store_true", help="evict whole timesteps (return, state, action)")
-    p.add_argument("--namm-scorer", default=None, help="NAMM scorer directory (with --evictor namm)")
+    p.add_argument("--namm-scorer", default=None, help="with --evictor namm: a scorer directory, a shipped name or "
+                   "'initial' (default: the shipped language-trained scorer, 'language')")
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--batch", type=int, default=1, help="episodes rolled out together (vectorised)")
     p.add_argument("--seed", type=int, default=0)
@@ -42,12 +43,12 @@ def _policy(adapter, args):
 
     options = {}
     evictor = args.evictor
-    if args.namm_scorer:
-        if evictor != "namm":
-            raise TokenmemError("--namm-scorer goes with --evictor namm")
+    if args.namm_scorer and evictor != "namm":
+        raise TokenmemError("--namm-scorer goes with --evictor namm")
+    if evictor == "namm":  # zero-shot: the scorer evolved on language, unchanged
         from tokenmem.plugins.namm import NAMM
 
-        evictor = NAMM.from_file(args.namm_scorer)
+        evictor = NAMM.load(args.namm_scorer or "language")
     if args.evict_timesteps:
         if evictor == "reference":
             raise TokenmemError("--evict-timesteps needs a cached rollout (an evictor), not the reference loop")

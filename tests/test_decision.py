@@ -248,7 +248,7 @@ def test_decision_benchmark_runs_and_reports(dt_dir, tmp_path, capsys):
     result = json.loads(out.read_text())
     configs = [r["config"] for r in result["quality"]]
     assert configs == ["reference (K=20)", "cached full history", "cached recent", "cached sink", "cached h2o",
-                       "cached namm (initial scorer)"]
+                       "cached namm (language-trained scorer)"]
     for row in result["quality"]:
         assert len(row["returns"]) == 2 and np.isfinite(row["score_mean"])
     assert [s["history"] for s in result["speed"]] == [20, 8]
@@ -257,4 +257,4 @@ def test_decision_benchmark_runs_and_reports(dt_dir, tmp_path, capsys):
     kept = result["namm_kept"]["modality"]
     assert set(kept) <= {"return", "state", "action"} and sum(kept.values()) > 0  # NAMM evicted at budget 12
     table = capsys.readouterr().out
-    assert "| cached namm (initial scorer) | 12 |" in table
+    assert "| cached namm (language-trained scorer) | 12 |" in table

@@ -147,6 +147,20 @@ def test_scorer_file_round_trip_and_errors(tmp_path):
         NAMM(cfg, torch.randn(10))
 
 
+def test_load_takes_a_shipped_name_initial_or_a_path(tmp_path):
+    cfg = NAMMConfig(interval=64, hidden=16)
+    namm = NAMM(cfg, torch.randn(num_params(cfg)))
+    namm.save(tmp_path / "s")
+    assert torch.equal(NAMM.load(tmp_path / "s").params, namm.params)
+    assert torch.equal(NAMM.load("language").params, NAMM.pretrained("language").params)
+    assert torch.equal(NAMM.load("initial").params, NAMM().params)
+    assert not torch.equal(NAMM.load("language").params, NAMM().params)
+    with pytest.raises(tokenmem.TokenmemError, match="does not exist"):
+        NAMM.load(str(tmp_path / "missing"))
+    with pytest.raises(tokenmem.TokenmemError, match="no shipped NAMM scorer named 'nope'"):
+        NAMM.load("nope")
+
+
 def test_memory_interval_defaults_to_the_namm_interval():
     model = tiny_model("llama")
     assert tokenmem.TokenMemory(model, NAMM(interval=64)).interval == 64

@@ -71,6 +71,21 @@ class NAMM(Evictor):
                                 f"{', '.join(known) or 'none'}; load your own with NAMM.from_file(path)")
         return cls.from_file(path)
 
+    @classmethod
+    def load(cls, spec) -> "NAMM":
+        """``spec``: a shipped scorer's name (``"language"``), ``"initial"`` (the untrained initial scorer),
+        or a scorer directory/file path."""
+        import os
+
+        if spec == "initial":
+            return cls()
+        if os.path.exists(str(spec)):
+            return cls.from_file(spec)
+        if os.sep in str(spec) or str(spec).endswith(".json"):
+            raise TokenmemError(f"NAMM scorer path {spec!r} does not exist; pass a scorer directory, a shipped "
+                                "name (e.g. 'language') or 'initial'")
+        return cls.pretrained(str(spec))
+
     def save(self, path) -> None:
         from .io import save_scorer
 
