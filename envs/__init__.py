@@ -11,6 +11,7 @@ from .tasks import TASKS, Task, check_state_dim, get_task, make_env, normalised_
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 SHIPPED_DT = MODELS_DIR / "hopper-medium-dt"
+BEHAVIOUR_DIR = Path(__file__).resolve().parent / "behaviour"  # SAC runs' logs + the snapshots datasets came from
 
 
 def shipped_dt_path() -> Path:
@@ -27,5 +28,5 @@ def shipped_dt_path() -> Path:
     return SHIPPED_DT
 
 
-__all__ = ["MODELS_DIR", "SHIPPED_DT", "TASKS", "Task", "check_state_dim", "get_task", "make_env",
+__all__ = ["BEHAVIOUR_DIR", "MODELS_DIR", "SHIPPED_DT", "TASKS", "Task", "check_state_dim", "get_task", "make_env",
            "normalised_score", "shipped_dt_path"]

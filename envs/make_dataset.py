@@ -245,6 +245,26 @@ def record(args) -> dict:
     return summary
 
 
+# -- shipping ----------------------------------------------------------------------------------------
+def ship(args) -> Path:
+    """Copy what recreates the datasets into ``args.dest``: the run's logs (``train.json``, ``evals.jsonl``),
+    the snapshots the datasets were recorded from and their ``*.record.json`` summaries (the HDF5 files
+    stay out: ``record --run DEST --snapshot S --kind K`` rewrites them, deterministically on one machine)."""
+    run, dest, root = Path(args.run), Path(args.dest), Path(args.root)
+    records = sorted(root.glob("*.record.json"))
+    if not records:
+        raise TokenmemError(f"no *.record.json in {root}; record the datasets first")
+    (dest / "snapshots").mkdir(parents=True, exist_ok=True)
+    for name in ("train.json", "evals.jsonl"):
+        shutil.copy2(run / name, dest / name)
+    for record_file in records:
+        summary = json.loads(record_file.read_text())
+        shutil.copy2(run / "snapshots" / summary["snapshot"], dest / "snapshots" / summary["snapshot"])
+        shutil.copy2(record_file, dest / record_file.name)
+        print(f"shipped {summary['dataset_id']}: snapshot {summary['snapshot']}", flush=True)
+    return dest
+
+
 # -- command line ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tokenmem.envs.make_dataset", description=__doc__.split("\n\n")[0])
@@ -281,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--run", required=True)
     record_args(q)
     q.add_argument("--threads", type=int, default=1)
+    q = sub.add_parser("ship", help="copy the logs, the recorded snapshots and the record summaries of a run")
+    q.add_argument("--run", required=True)
+    q.add_argument("--root", required=True, help="the Minari root the datasets were recorded into")
+    q.add_argument("--dest", required=True, help="e.g. envs/behaviour/hopper-sac")
+    q.add_argument("--threads", type=int, default=1)
     q = sub.add_parser("all", help="train, then record medium and expert datasets")
     train_args(q)
     record_args(q, with_kind=False)
@@ -295,6 +320,8 @@ def main(argv=None) -> int:
     try:
         if args.command in ("train", "all"):
             train(args)
+        if args.command == "ship":
+            ship(args)
         if args.command == "record":
             args.steps, args.seed = args.record_steps, args.record_seed
             record(args)

@@ -207,3 +207,25 @@ def test_train_dt_paper_defaults():
     assert model.config.n_inner == 512 and model.config.resid_pdrop == 0.1
     assert sum(p.numel() for p in model.parameters()) * 4 < 10 * 2**20  # ships under 10 MB in float32
     assert get_task("Hopper-v5").target_return == 3600.0 and set(TASKS) == {"Hopper-v5", "Walker2d-v5", "HalfCheetah-v5"}
+
+
+def test_shipped_behaviour_snapshots_recreate_the_datasets(tmp_path):
+    """The shipped SAC snapshots + record summaries recreate the recorded datasets: the first episodes
+    recorded again (same seeds) have exactly the returns and lengths logged when the dataset was made."""
+    pytest.importorskip("stable_baselines3")
+    from tokenmem.envs import BEHAVIOUR_DIR, make_dataset
+
+    run = BEHAVIOUR_DIR / "hopper-sac"
+    records = sorted(run.glob("*.record.json"))
+    assert records, f"no record summaries shipped in {run}"
+    for record_file in records:
+        summary = json.loads(record_file.read_text())
+        root = tmp_path / summary["kind"]
+        assert make_dataset.main(["record", "--run", str(run), "--kind", summary["kind"], "--snapshot",
+                                  summary["snapshot"], "--steps", "1", "--record-seed", str(summary["seed"]),
+                                  "--root", str(root), *(["--deterministic"] if summary["deterministic"] else [])]) == 0
+        again = json.loads((root / record_file.name).read_text())
+        assert again["episodes"] == 1 and again["episode_seeds"][0] == summary["episode_seeds"][0]
+        np.testing.assert_allclose(again["returns"][0], summary["returns"][0], rtol=1e-9)
+        ds = load_dataset(summary["dataset_id"], root=root, env_id=summary["env"])
+        assert ds.total_steps == again["steps"]

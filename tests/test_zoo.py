@@ -166,3 +166,10 @@ def test_demo_runs_every_evictor_and_the_bank_recovers_the_value(capsys):
         assert label in rows, out
     assert "(ok)" in rows["full"] and "(ok)" in rows["sink + memory bank"]
     assert "(wrong)" in rows["sink"]  # the value was evicted; the bank brought it back
+    # the Hopper episode of the shipped Decision Transformer: full history, then NAMM at 60 tokens
+    for label in ("full history", "namm (language scorer)"):
+        assert label in rows, out
+    held = [int(x) for x in rows["namm (language scorer)"].split(" | ")[5].strip(" |").split("/")]
+    assert sum(held) <= 60 + 3  # the budget, plus the newest step's tokens
+    full = rows["full history"].split(" | ")
+    assert sum(int(x) for x in full[5].strip(" |").split("/")) == 3 * int(full[4]) - 1  # nothing evicted

@@ -1,7 +1,9 @@
-"""``tokenmem demo``: the memory at work on the shipped standard-library language model.
+"""``tokenmem demo``: the memory at work on the shipped models.
 
-:func:`run` loads the model tokenmem trains and ships (``tokenmem/zoo/models/stdlib-llama``) with the
-real ``from_pretrained`` and runs two held-out prompts under every evictor. :func:`train_byte_bpe` (the
+:func:`run` loads the language model tokenmem trains and ships (``tokenmem/zoo/models/stdlib-llama``) with
+the real ``from_pretrained`` and runs two held-out prompts under every evictor; :func:`hopper` then rolls
+out the shipped Decision Transformer for one Hopper-v5 episode, full history vs the language-trained NAMM
+scorer at 60 tokens. :func:`train_byte_bpe` (the
 tokenizer builder shared with the zoo and the tests) and :func:`build_demo_model` (a random-weight
 Llama for tests that need a model directory quickly) live here too.
 """
@@ -110,4 +112,40 @@ def run(model_path: str | None = None, budget: float = 0.25) -> int:
     print("\nKV held: fraction of the tokens seen that the memory held when the prompt ended (mean over layers);"
           "\nthe memory bank keeps evicted tokens in host memory and brings the best-matching chunks back.")
     print("Full tables: python benchmarks/language.py (see README, Results).")
+    hopper()
     return 0
+
+
+def hopper(model_path: str | None = None, budget: int = 60, seed: int = 0) -> list[dict]:
+    """One Hopper-v5 episode of the shipped Decision Transformer with its full history cached, and with
+    the language-trained NAMM scorer (unchanged) holding ``budget`` tokens (``budget // 3`` timesteps);
+    prints each return, D4RL-normalised score and the token types the memory held at the end."""
+    try:
+        from tokenmem.envs import make_env, shipped_dt_path
+    except ImportError as exc:  # gymnasium / mujoco not installed
+        print(f"\nDecision Transformer: skipped ({exc}); `pip install 'tokenmem[rl]'`")
+        return []
+    from tokenmem.adapters.decision import CachedPolicy, DecisionAdapter, rollout
+    from tokenmem.meta import MODALITY_NAMES
+    from tokenmem.plugins.namm import NAMM
+
+    path = str(model_path or shipped_dt_path())
+    adapter = DecisionAdapter.from_pretrained(path)
+    print(f"\nDecision Transformer: {path} on {adapter.env_id}, one episode (seed {seed}), target return "
+          f"{adapter.target_return:.0f}")
+    print("\n| memory | budget | return | normalised score | steps | tokens held at the end (return/state/action) |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for label, evictor, b in (("full history", "full", None), ("namm (language scorer)", NAMM.pretrained("language"), budget)):
+        result = rollout(adapter, CachedPolicy(adapter, evictor, b), [make_env(adapter.env_id)], [seed])
+        meta = result.memory.layers[0].meta
+        valid = meta.valid[0, 0]
+        kinds = [MODALITY_NAMES[int(c)] for c in meta.modality[0, 0][valid].tolist()]
+        held = "/".join(str(kinds.count(k)) for k in ("return", "state", "action"))
+        row = {"memory": label, "return": float(result.returns[0]), "score": float(result.scores[0]),
+               "steps": int(result.lengths[0]), "held": held}
+        rows.append(row)
+        print(f"| {label} | {'all' if b is None else f'{b} tokens'} | {row['return']:.1f} | {row['score']:.1f} | "
+              f"{row['steps']} | {held} |")
+    print("Full table over 10 seeds and every evictor: python benchmarks/decision.py (see README).")
+    return rows
