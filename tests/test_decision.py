@@ -258,3 +258,22 @@ def test_decision_benchmark_runs_and_reports(dt_dir, tmp_path, capsys):
     assert set(kept) <= {"return", "state", "action"} and sum(kept.values()) > 0  # NAMM evicted at budget 12
     table = capsys.readouterr().out
     assert "| cached namm (language-trained scorer) | 12 |" in table
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_shipped_dt_cached_equals_reference_loop(seed):
+    """The shipped Hopper DT: no eviction, K steps, the cached rollout's actions equal the official loop's
+    (run on a never-prepared copy of the model)."""
+    from transformers import DecisionTransformerModel
+
+    from tokenmem.envs import shipped_dt_path
+
+    path = str(shipped_dt_path())
+    adapter = DecisionAdapter.from_pretrained(path)
+    assert adapter.env_id == "Hopper-v5" and adapter.context == 20 and adapter.target_return == 3600
+    plain = DecisionTransformerModel.from_pretrained(path).eval()
+    ref = rollout(adapter, ReferencePolicy(adapter, model=plain), hoppers(1), [seed], max_steps=20)
+    cached = rollout(adapter, CachedPolicy(adapter), hoppers(1), [seed], max_steps=20)
+    assert ref.lengths[0] == cached.lengths[0] == 20
+    np.testing.assert_allclose(cached.actions[0], ref.actions[0], rtol=0, atol=1e-5)
+    assert np.abs(ref.actions[0]).max() > 0.1  # a trained policy acts
