@@ -9,8 +9,11 @@ their LSEs. With padded keys, pass 1 is a blocked torch loop (LSE first, then th
 sums it into the per-key mass and the rows of the newest queries. Decoding and short chunks (whose
 ``q x n`` scores fit one query block x key block) take a direct path: one softmax, no second pass.
 
-Without padding, pass 2 is the same fused kernel run on the transposed problem (see
-:func:`_mass_transposed`); only the rows of the newest queries (NAMM's window) take the blocked loop.
+Without padding, pass 2 is a compiled kernel (:mod:`tokenmem.kernels.native`, ``colmass.cpp``, built with the
+machine's C++ compiler at first use) that fuses ``q . k``, ``exp(s - lse)`` and the column sums tile by tile in
+registers: one GEMM's worth of work, where a second flash call would do two. Without a compiler it is PyTorch's
+fused kernel run on the transposed problem (see :func:`_mass_transposed`). Only the rows of the newest queries
+(NAMM's window) take the blocked loop.
 The two-pass / online-softmax structure follows FlashAttention (Dao et al. 2022, arXiv:2205.14135).
 """
 
@@ -21,6 +24,7 @@ import math
 import torch
 
 from ..errors import TokenmemError
+from . import native
 
 BLOCK_Q = 256
 BLOCK_K = 1024
@@ -53,7 +57,9 @@ def attention_with_stats(
         out, lse = _flash(query, key, value, scaling, causal)
         mass = None
         if need_mass:
-            mass = _mass_transposed(query, key, lse, scaling, causal, query_valid)
+            mass = _mass_native(query, key, lse, scaling, causal, query_valid)
+            if mass is None:  # no compiled kernel: flash on the transposed problem
+                mass = _mass_transposed(query, key, lse, scaling, causal, query_valid)
             if mass is None:  # LSE spread beyond float32's exp range: the blocked pass is exact
                 _, mass = _column_pass(query, key, value, lse, scaling, causal, None, query_valid,
                                        True, None, False, block_q, block_k)
@@ -117,6 +123,20 @@ def _flash(query, key, value, scaling, causal):
     w_new = torch.exp(lse_new.float() - lse)[..., None]
     out = (out_past.float() * w_past + out_new.float() * w_new).to(query.dtype)
     return out, lse
+
+
+def _mass_native(query, key, lse, scaling, causal, query_valid):
+    """Per-key mass from the compiled fused kernel (:mod:`tokenmem.kernels.native`): ``exp(s - lse)`` summed
+    over the queries tile by tile in registers, one GEMM's worth of work (flash does two). None for float64
+    or when the kernel is not available."""
+    if query.dtype == torch.float64:
+        return None
+    fn = native.load()
+    if fn is None:
+        return None
+    if query_valid is not None:  # padded queries give no mass: exp(s - inf) = 0
+        lse = torch.where(query_valid[:, None, :], lse, torch.full_like(lse, float("inf")))
+    return native.colmass(query, key, lse, scaling, causal, fn=fn)
 
 
 MAX_LSE_SPREAD = 60.0  # float32 exp() keeps ~87 of range: stay well inside it

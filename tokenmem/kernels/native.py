@@ -1,0 +1,163 @@
+"""The CPU backend's compiled kernel: the fused per-key attention mass (``colmass.cpp``), built at first use.
+
+``colmass.cpp`` is compiled once per machine with the system C++ compiler (``$CXX``, else ``c++`` / ``g++`` /
+``clang++``; ``-O3 -march=native``, about 2 s) into ``$TOKENMEM_CACHE/kernels`` (default
+``~/.cache/tokenmem/kernels``), named by a hash of the source, the flags and the compiler's version, and loaded
+with :mod:`ctypes` (calls release the GIL; the kernel runs its own threads). Nothing of PyTorch is linked.
+
+When no compiler is found or the build fails, :func:`load` returns ``None`` after one warning that says why and
+what to install; the CPU backend then computes the mass with PyTorch's flash kernel on the transposed problem
+(correct, about 1.5x slower). ``TOKENMEM_NATIVE=0`` turns the compiled kernel off; ``TOKENMEM_NATIVE=require``
+makes a failed build an error instead of a warning (CI uses it so that a broken build cannot pass unseen).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import TokenmemError
+
+SOURCE = Path(__file__).with_name("colmass.cpp")
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-pthread"]
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TOKENMEM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tokenmem")
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in filter(None, [os.environ.get("CXX"), "c++", "g++", "clang++"]):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _mode() -> str:
+    mode = os.environ.get("TOKENMEM_NATIVE", "1").strip().lower()
+    if mode not in ("0", "1", "require"):
+        raise TokenmemError(f"TOKENMEM_NATIVE={mode!r}: use 1 (default: build at first use, warn if it cannot), "
+                            "0 (never use the compiled kernel) or require (a failed build is an error)")
+    return mode
+
+
+def build(force: bool = False) -> Path:
+    """Compile ``colmass.cpp`` (when not cached) and return the shared library's path; raises TokenmemError."""
+    cxx = _compiler()
+    if cxx is None:
+        raise TokenmemError("no C++ compiler found (tried $CXX, c++, g++, clang++): install one "
+                            "(Debian/Ubuntu: apt install g++) for the fused CPU attention-mass kernel")
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise TokenmemError(f"the C++ compiler {cxx} does not run ({exc}); set CXX to a working one") from exc
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode() + platform.machine().encode()
+                            + _cpu_flags().encode()).hexdigest()[:16]  # -march=native: one build per CPU kind
+    target = cache_dir() / f"colmass-{digest}.so"
+    if target.exists() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise TokenmemError(f"building the fused CPU kernel failed ({cxx} {' '.join(FLAGS)} {SOURCE}):\n"
+                                f"{proc.stderr.strip()[-2000:]}\nSet TOKENMEM_NATIVE=0 to use the PyTorch path")
+        os.replace(tmp, target)  # atomic: concurrent builders (torchrun ranks) each write their own temp file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _bind(path: Path):
+    lib = ctypes.CDLL(str(path))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn = lib.tokenmem_colmass_f32
+    fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                   ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def load():
+    """The compiled ``tokenmem_colmass_f32`` function, or None (compiled kernel off or not buildable)."""
+    mode = _mode()
+    if mode == "0":
+        return None
+    with _lock:
+        if mode not in _state:
+            try:
+                _state[mode] = _bind(build())
+            except (TokenmemError, OSError) as exc:
+                if mode == "require":
+                    raise TokenmemError(f"TOKENMEM_NATIVE=require but the fused CPU kernel is unavailable: {exc}") \
+                        from exc
+                warnings.warn(f"tokenmem: the fused CPU attention-mass kernel is unavailable, using the slower "
+                              f"PyTorch path ({exc})", RuntimeWarning, stacklevel=3)
+                _state[mode] = None
+        return _state[mode]
+
+
+def colmass(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scaling: float, causal: bool,
+            fn=None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Per-key mass ``[b, hkv, n]`` (float32) = mean over a KV head's query heads of ``sum_i exp(s_ij - lse_i)``.
+
+    ``query [b, hq, q, d]``, ``key [b, hkv, n, d]``, ``lse [b, hq, q]`` (+inf for a query that gives no mass).
+    Causality is by cache slot as in the reference (query ``i`` sees keys ``j <= n - q + i``). ``out``: a
+    contiguous float32 ``[b, hkv, n]`` to write into (every element is written). Returns None when the compiled
+    kernel is not available (the caller takes the PyTorch path).
+    """
+    fn = fn or load()
+    if fn is None:
+        return None
+    b, hq, q, d = query.shape
+    hkv, n = key.shape[1], key.shape[2]
+    if (key.dim() != 4 or key.shape[0] != b or key.shape[3] != d or hq % hkv or n < q
+            or tuple(lse.shape) != (b, hq, q) or {t.device.type for t in (query, key, lse)} != {"cpu"}):
+        raise TokenmemError(f"colmass: CPU query [b, hq, q, d], key [b, hkv, n >= q, d] and lse [b, hq, q] with hq a "
+                            f"multiple of hkv, got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(lse.shape)}")
+    query = query.to(torch.float32)
+    key = key.to(torch.float32)
+    lse = lse.to(torch.float32)
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    mass = torch.empty(b, hkv, n, dtype=torch.float32) if out is None else out
+    if mass.shape != (b, hkv, n) or mass.dtype != torch.float32 or not mass.is_contiguous():
+        raise TokenmemError(f"colmass: out must be a contiguous float32 [{b}, {hkv}, {n}], got "
+                            f"{tuple(mass.shape)} {mass.dtype}")
+    status = fn(query.data_ptr(), query.stride(0), query.stride(1), query.stride(2),
+                key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
+                lse.data_ptr(), lse.stride(0), lse.stride(1), lse.stride(2),
+                mass.data_ptr(), b, hkv, hq // hkv, q, n, d, float(scaling), int(bool(causal)),
+                max(1, torch.get_num_threads()))
+    if status != 0:
+        raise TokenmemError(f"the fused CPU kernel rejected the sizes b={b} hq={hq} hkv={hkv} q={q} n={n} d={d}")
+    return mass
