@@ -31,12 +31,21 @@ def test_budget_smaller_than_protected_tokens_at_construction(model):
 
 
 def test_budget_smaller_than_protected_tokens_at_eviction(model):
-    """A fraction budget can only be checked when it resolves; the cache is left intact."""
-    memory = tokenmem.TokenMemory(model, "sink", budget=0.02, interval=1)
-    ids = torch.randint(3, 300, (1, 100))
-    with torch.no_grad(), pytest.raises(tokenmem.BudgetError, match="smaller than the 4 tokens"):
-        model(ids, past_key_values=memory, use_cache=True)
-    assert memory.layers[0].held == 100
+    """An int budget below what the evictor protects at eviction time is an error (the cache is left intact); a
+    fraction of a short stream never goes below the protected tokens (a stream starts small: a DT's first step)."""
+    from tokenmem.meta import PROTECT, TokenMeta
+
+    memory = tokenmem.TokenMemory(model, "recent", budget=8, interval=1)
+    flags = torch.zeros(1, 20, dtype=torch.long)
+    flags[:, :12] = PROTECT  # an adapter protects 12 tokens (a long question), more than the budget
+    memory.annotate(TokenMeta.build(1, 20, flags=flags))
+    with torch.no_grad(), pytest.raises(tokenmem.BudgetError, match="smaller than the 12 tokens"):
+        model(torch.randint(3, 300, (1, 20)), past_key_values=memory, use_cache=True)
+    assert memory.layers[0].held == 20
+    fraction = tokenmem.TokenMemory(model, "sink", budget=0.02, interval=1)
+    with torch.no_grad():
+        model(torch.randint(3, 300, (1, 100)), past_key_values=fraction, use_cache=True)
+    assert all(layer.held == 4 for layer in fraction.layers)  # 2% of 100 is 2: the 4 sink tokens stay
 
 
 def test_unknown_evictor_lists_known_ones(model):

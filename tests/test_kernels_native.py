@@ -108,6 +108,7 @@ def test_build_at_first_use_into_the_cache(fresh_native):
 
 def test_broken_compiler_warns_and_falls_back_or_fails_when_required(fresh_native, monkeypatch):
     monkeypatch.setenv("CXX", "false")  # found on PATH, fails every call
+    monkeypatch.setenv("TOKENMEM_NATIVE", "1")  # the default (the test command exports require)
     with pytest.warns(RuntimeWarning, match="fused CPU attention-mass kernel is unavailable"):
         assert native.load() is None
     query, key, value, _, _ = make_inputs(1, 4, 2, 300, 300, 16, torch.float32, False, seed=1)

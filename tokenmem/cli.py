@@ -6,6 +6,7 @@
     tokenmem evolve --task synthetic --generations 20 --out DIR   evolve a NAMM scorer (CMA-ES)
     tokenmem rollout --env Hopper-v5 --evictor namm --budget 60   Decision Transformer episodes
     tokenmem video-qa --model PATH --video FILE --question "..." --frames 32   LLaVA-NeXT-Video QA
+    tokenmem bench [--quick]               zero-shot transfer: every evictor on language, video and RL
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def cmd_demo(args) -> int:
     return demo.run(model_path=args.model, budget=args.budget)
 
 
+def cmd_bench(args) -> int:
+    from tokenmem.zoo import transfer
+
+    return transfer.main_from_args(args, "tokenmem bench " + " ".join(sys.argv[2:]))
+
+
 def cmd_evolve(args) -> int:
     from tokenmem.plugins.namm import evolve
 
@@ -105,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="local model directory (default: the shipped stdlib-llama)")
     p.add_argument("--budget", type=float, default=0.25, help="fraction of the context each memory keeps")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="zero-shot transfer: every evictor on the shipped language, video and RL models")
+    from tokenmem.zoo.transfer import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("evolve", help="evolve a NAMM scorer with CMA-ES (also under torchrun --nproc_per_node N)")
     p.add_argument("--task", action="append", default=None,

@@ -1,9 +1,10 @@
 """``tokenmem demo``: the memory at work on the shipped models.
 
 :func:`run` loads the language model tokenmem trains and ships (``tokenmem/zoo/models/stdlib-llama``) with
-the real ``from_pretrained`` and runs two held-out prompts under every evictor; :func:`hopper` then rolls
-out the shipped Decision Transformer for one Hopper-v5 episode, full history vs the language-trained NAMM
-scorer at 60 tokens. :func:`train_byte_bpe` (the
+the real ``from_pretrained`` and runs two held-out prompts under every evictor; :func:`video` asks the shipped
+video model three questions about a generated clip, full cache vs the language-trained NAMM scorer at 25%;
+:func:`hopper` then rolls out the shipped Decision Transformer for one Hopper-v5 episode, full history vs the
+same scorer at 60 tokens. :func:`train_byte_bpe` (the
 tokenizer builder shared with the zoo and the tests) and :func:`build_demo_model` (a random-weight
 Llama for tests that need a model directory quickly) live here too.
 """
@@ -92,8 +93,9 @@ def run(model_path: str | None = None, budget: float = 0.25) -> int:
                                                   ("h2o", "h2o", None),
                                                   ("namm (language scorer)", NAMM.pretrained("language"), None),
                                                   ("sink + memory bank", "sink", Bank())]
-    print("\n| evictor | budget | KV held | retrieval answer | next line predicted | decode ms/token |")
-    print("|---|---|---|---|---|---|")
+    print("\n| evictor | budget | KV held | retrieval answer | next line predicted | decode ms/token "
+          "| code prompt held, by quarter |")
+    print("|---|---|---|---|---|---|---|")
     for label, ev, bank in evictors:
         b = None if ev == "full" else budget
 
@@ -107,13 +109,72 @@ def run(model_path: str | None = None, budget: float = 0.25) -> int:
         held = (r_out.extras["held_fraction"] + c_out.extras["held_fraction"]) / 2
         ms = 1000 * c_out.extras["decode_s"] / max(1, c_out.extras["decode_calls"])
         mark = "ok" if answer == rec["answer"] else "wrong"
+        quarters = "/".join(f"{q:.0%}" for q in held_by_quarter(c_out.memory, c_out.input_ids.shape[1]))
         print(f"| {label} | {'all' if b is None else f'{b:.0%}'} | {held:.0%} | {answer or '-'} ({mark}) | "
-              f"{line[:48]!r} | {ms:.1f} |")
+              f"{line[:48]!r} | {ms:.1f} | {quarters} |")
     print("\nKV held: fraction of the tokens seen that the memory held when the prompt ended (mean over layers);"
+          "\nby quarter: the share of each quarter of the code prompt (oldest first) held after the answer;"
           "\nthe memory bank keeps evicted tokens in host memory and brings the best-matching chunks back.")
     print("Full tables: python benchmarks/language.py (see README, Results).")
+    video()
     hopper()
     return 0
+
+
+def held_by_quarter(memory, prompt_len: int) -> list[float]:
+    """Share of each quarter of the prompt's tokens (oldest first) the memory holds, mean over layers, rows, heads."""
+    counts = torch.zeros(4)
+    for layer in memory.layers:
+        meta = layer.meta
+        pos = meta.position[meta.valid & (meta.position < prompt_len)]
+        counts += torch.bincount((pos * 4 // prompt_len).clamp(max=3), minlength=4)[:4].float()
+    size = torch.bincount(torch.arange(prompt_len) * 4 // prompt_len, minlength=4)[:4]
+    rows_heads = memory.layers[0].meta.position.shape[0] * memory.layers[0].meta.position.shape[1]
+    return (counts / (size.clamp_min(1) * len(memory.layers) * rows_heads)).tolist()
+
+
+def video(model_path: str | None = None, budget: float = 0.25, clip_index: int = 0) -> list[dict]:
+    """The three questions about one generated held-out clip, asked of the shipped video model
+    (``shapes-llava-video``) with the full cache and with the language-trained NAMM scorer (unchanged) holding
+    ``budget`` of the tokens, the prompt streamed in chunks so that the memory chooses while it watches; prints
+    each answer and which frames the memory kept (event frames starred)."""
+    from tokenmem.adapters.video import VideoQA
+    from tokenmem.plugins.namm import NAMM
+    from tokenmem.zoo import video_lm_path
+    from tokenmem.zoo import video_task as task
+    from tokenmem.zoo.transfer import VIDEO_CHUNK
+
+    path = str(model_path or video_lm_path())
+    clip = task.make_clip(task.heldout_seed(clip_index))
+    frames = clip.frames.shape[0]
+    events = ", ".join(f"{t}: {k}" for t, k in clip.event_kinds.items())
+    print(f"\nVideo QA: {path} (LLaVA-NeXT-Video architecture, trained here), held-out clip {clip.seed}: {frames} frames, "
+          f"events at {events}; every other frame repeats the last one")
+    print("\n| memory | budget | KV held | " + " | ".join(task.QUESTIONS) + " | held video tokens on event frames |")
+    print("|---|---|---|---|---|---|---|")
+    rows, shared = [], None
+    for label, evictor, b in (("full", "full", None), ("namm (language scorer)", NAMM.pretrained("language"), budget)):
+        extra = {} if shared is None else dict(tokenizer=shared.tokenizer, preprocessor=shared.preprocessor,
+                                              chat_template=shared.chat_template)
+        qa = VideoQA(path if shared is None else shared.model, evictor, b, frames=frames, prefill_chunk=VIDEO_CHUNK,
+                     **extra)
+        shared = shared or qa
+        answers = qa.ask_many([clip.frames] * len(task.QUESTIONS), list(task.QUESTIONS.values()), max_new_tokens=6)
+        said = [a.text.strip() for a in answers]
+        marks = [f"{s} ({'ok' if s == clip.answer(k) else 'wrong'})" for s, k in zip(said, task.QUESTIONS)]
+        kept = answers[0].report.kept.sum(dim=(0, 1)).double()  # [frames]
+        on_events = float(kept[list(clip.events)].sum() / kept.sum().clamp_min(1))
+        share = len(clip.events) / frames
+        held = answers[0].memory.stats()["held_fraction"]
+        print(f"| {label} | {'all' if b is None else f'{b:.0%}'} | {held:.0%} | " + " | ".join(marks)
+              + f" | {on_events:.0%} (they are {share:.0%} of the video) |")
+        rows.append({"memory": label, "answers": said, "event_token_share": on_events, "held": held,
+                     "frame_kept": answers[0].report.fraction().mean(0).tolist()})
+    print(f"(truth: {', '.join(clip.answer(k) for k in task.QUESTIONS)})")
+    per_frame = " ".join(f"{t}{'*' if t in clip.events else ''}:{100 * v:.0f}%" for t, v in enumerate(rows[-1]["frame_kept"]))
+    print(f"namm kept of each frame (mean over layers and KV heads; * = event frame): {per_frame}")
+    print("Full table over 100 held-out clips and every evictor: tokenmem bench (see README, Results).")
+    return rows
 
 
 def hopper(model_path: str | None = None, budget: int = 60, seed: int = 0) -> list[dict]:

@@ -424,6 +424,8 @@ class TokenMemory(Cache):
         if segments:
             protect, eligible = whole_segments(view.meta, scores, protect, valid, keep, self.evictor.threshold)
         most = int(protect.sum(-1).max())
+        if keep is not None and most > keep and isinstance(self.budget, float):
+            keep = most  # a fraction of a short stream (a DT's first steps) may be less than the protected tokens
         if keep is not None and most > keep:
             whole = " (with evict_unit='segment', whole segments of protected tokens)" if segments else ""
             raise BudgetError(

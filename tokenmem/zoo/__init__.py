@@ -4,6 +4,9 @@
 - :mod:`tokenmem.zoo.train_lm`: trains the small Llama-architecture language model shipped in
   ``tokenmem/zoo/models/stdlib-llama``.
 - :mod:`tokenmem.zoo.lm_tasks`: long-context language tasks built from held-out files.
+- :mod:`tokenmem.zoo.video_task` / :mod:`tokenmem.zoo.train_video`: procedural video-QA clips and the trainer of the
+  tiny LLaVA-NeXT-Video model shipped in ``tokenmem/zoo/models/shapes-llava-video``.
+- :mod:`tokenmem.zoo.transfer`: the zero-shot transfer benchmark (``tokenmem bench``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ MODELS_DIR = ZOO_DIR / "models"
 DATA_DIR = ZOO_DIR / "data"
 STDLIB_LM = MODELS_DIR / "stdlib-llama"
 SCORERS_DIR = ZOO_DIR / "scorers"
+VIDEO_LM = MODELS_DIR / "shapes-llava-video"
 
 
 def stdlib_lm_path() -> Path:
@@ -25,3 +29,14 @@ def stdlib_lm_path() -> Path:
         raise TokenmemError(f"the shipped language model is missing at {STDLIB_LM}; recreate it with "
                             "`python -m tokenmem.zoo.train_lm` or reinstall tokenmem from a full checkout")
     return STDLIB_LM
+
+
+def video_lm_path() -> Path:
+    """The shipped tiny video-QA model (LLaVA-NeXT-Video architecture; a local ``from_pretrained`` directory)."""
+    from ..errors import TokenmemError
+
+    if not (VIDEO_LM / "config.json").exists():
+        raise TokenmemError(f"the shipped video model is missing at {VIDEO_LM}; recreate it with "
+                            "`python -m tokenmem.zoo.train_video --export ...` (see its docstring) or reinstall "
+                            "tokenmem from a full checkout")
+    return VIDEO_LM

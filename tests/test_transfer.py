@@ -1,0 +1,89 @@
+"""The zero-shot transfer benchmark (tokenmem bench): the claims it states are the rows' numbers, the README section
+it rewrites, bad options, and a smoke run of every modality on the shipped models (the CI's reduced set)."""
+
+import json
+
+import pytest
+
+from tokenmem.errors import TokenmemError
+from tokenmem.zoo import transfer, transfer_report
+
+
+def row(modality, evictor, budget, score, kv, **details):
+    return {"modality": modality, "evictor": evictor, "budget": budget, "score": score, "score_std": 1.0,
+            "kv_fraction": kv, "throughput": 10.0, "throughput_unit": "x/s", "seconds": 1.0, "items": 3,
+            "metrics": {}, "details": details}
+
+
+def synthetic_report():
+    video = dict(event_token_share=0.4, event_frame_share=0.25)
+    rows = [row("video", "full", None, 80.0, 1.0, **video), row("video", "recent", 0.25, 50.0, 0.25, **video),
+            row("video", "sink", 0.25, 60.0, 0.25, **video), row("video", "h2o", 0.25, 79.0, 0.25, **video),
+            row("video", "namm", 0.25, 79.0, 0.26, event_token_share=0.2, event_frame_share=0.25)]
+    return {"rows": rows, "modalities": ["video"], "budgets": [0.25]}
+
+
+def test_claims_state_what_the_rows_say():
+    lines = transfer_report.claims(synthetic_report())
+    namm = next(line for line in lines if line.startswith("- **video, 25%**"))
+    assert "beats recent (79.0 vs 50.0" in namm and "beats sink" in namm and "ties h2o" in namm
+    assert "within 2% of full" in namm and "+1.2% below" in namm
+    assert any("namm at 25%: 20%" in line and "does not favour event frames" in line for line in lines)
+    assert any("h2o at 25%: 40%" in line and "keeps event frames first" in line for line in lines)
+    report = synthetic_report()
+    report["rows"][-1]["score"] = 70.0
+    assert "not within 2% of full" in "\n".join(transfer_report.claims(report))
+
+
+def test_readme_section_is_replaced_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- transfer:begin -->\nold\n<!-- transfer:end -->\n\ntail\n")
+    transfer_report.update_readme(readme, "new table\n")
+    assert readme.read_text() == "# x\n\n<!-- transfer:begin -->\nnew table\n<!-- transfer:end -->\n\ntail\n"
+    (tmp_path / "other.md").write_text("no markers\n")
+    with pytest.raises(TokenmemError, match="markers"):
+        transfer_report.update_readme(tmp_path / "other.md", "x")
+
+
+def test_bad_options_fail_before_any_work():
+    with pytest.raises(TokenmemError, match="unknown modality 'audio'"):
+        transfer.run(modalities=["audio"])
+    with pytest.raises(TokenmemError, match="unknown evictor 'lru'"):
+        transfer.run(evictors=["lru"])
+    with pytest.raises(TokenmemError, match="budgets are fractions"):
+        transfer.run(budgets=[0.25, 64])
+
+
+def test_separator_runs_only_where_separators_exist():
+    assert ("separator", 0.25) in transfer.configs("language", transfer.EVICTORS, (0.25,))
+    assert all(name != "separator" for name, _ in transfer.configs("video", transfer.EVICTORS, (0.25,)))
+    assert transfer.configs("rl", ("full", "h2o"), (0.25, 0.5)) == [("full", None), ("h2o", 0.25), ("h2o", 0.5)]
+
+
+@pytest.mark.slow
+def test_bench_smoke_runs_every_modality_on_the_shipped_models(tmp_path, capsys):
+    """The CI's reduced set: full and the language-trained NAMM at 25% on language, video and RL."""
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- transfer:begin -->\n<!-- transfer:end -->\n")
+    out = tmp_path / "bench"
+    assert transfer.main(["--smoke", "--evictors", "full", "namm", "--budgets", "0.25", "--out", str(out),
+                          "--readme", str(readme), "--threads", "2"]) == 0
+    report = json.loads((out / "transfer.json").read_text())
+    got = {(r["modality"], r["evictor"], r["budget"]) for r in report["rows"]}
+    assert got == {(m, e, b) for m in transfer.MODALITIES for e, b in (("full", None), ("namm", 0.25))}
+    for r in report["rows"]:
+        if r["evictor"] == "full":
+            assert r["kv_fraction"] == 1.0
+        else:
+            assert r["kv_fraction"] <= 0.25 + 0.05  # the budget (the newest chunk or step may sit on top)
+        assert r["throughput"] > 0 and r["items"] > 0
+    video = next(r for r in report["rows"] if r["modality"] == "video" and r["evictor"] == "namm")
+    assert 0 <= video["details"]["event_token_share"] <= 1 and len(video["details"]["example_clip"]["frame_kept"]) == 24
+    rl = next(r for r in report["rows"] if r["modality"] == "rl" and r["evictor"] == "namm")
+    assert abs(sum(rl["details"]["kept_types"].values()) - 1) < 1e-3
+    for name in ("transfer.md", "transfer_score_vs_kv.png", "transfer_video_frames.png", "transfer_rl_kept.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "transfer_score_vs_kv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = readme.read_text()
+    assert "**video**" in text and "Claims checked on these rows" in text and "transfer_rl_kept.png" in text
+    assert "tokenmem bench --smoke" in capsys.readouterr().out

@@ -1,0 +1,318 @@
+"""Zero-shot transfer, measured: every evictor on language, video and RL with the shipped models (``tokenmem bench``).
+
+One scorer file, ``NAMM.pretrained("language")`` (evolved on the shipped standard-library Llama's code completion and
+retrieval, :mod:`tokenmem.zoo.evolve_language`), is used unchanged on three modalities, next to the training-free
+evictors, at the same budgets (a fraction of the tokens seen, so every row holds the same share of its context):
+
+- **language**: the shipped ``stdlib-llama`` on the *eval* split of :mod:`tokenmem.zoo.lm_tasks` (the scorer was
+  evolved on the disjoint *evolve* split): code completion (edit similarity x100) and retrieval of a planted value
+  (exact match x100), prompts fed in 128-token chunks with eviction after each. Score: the mean of the two.
+- **video**: the shipped ``shapes-llava-video`` (a ``LlavaNextVideoForConditionalGeneration`` trained here,
+  :mod:`tokenmem.zoo.train_video`) answering the three questions of held-out clips of :mod:`tokenmem.zoo.video_task`
+  through :class:`~tokenmem.adapters.video.VideoQA`, the prompt fed in ``VIDEO_CHUNK``-token chunks with eviction
+  after each (the memory chooses while it watches, before the question arrives). Score: accuracy x100 (chance 25).
+  Also measured: the share of the held video tokens that lie on *event* frames (frames that show something new)
+  against the event frames' share of the video: above it, an evictor drops redundant frames first.
+- **rl**: the shipped Hopper Decision Transformer (:mod:`tokenmem.envs`) rolled out with its whole history cached
+  (``full``) or under a budget. Score: D4RL-normalised return (mean over seeds). Also measured: the token types
+  (return / state / action) held at the end of the episodes.
+
+``separator`` runs where separators exist: on text. Video tokens carry no separator token and a Decision
+Transformer has none, so there SepLLM reduces to its initial and recent tokens and is not reported.
+
+Columns of every row: the task score, the mean KV fraction held (held / seen when the prompt or episode ended, mean
+over layers; NAMM's masked slots count as held) and the throughput (language: tokens/s of prefill + decode; video:
+questions/s; rl: environment steps/s, physics included). :mod:`tokenmem.zoo.transfer_report` writes the markdown
+table, the claims checked on the rows, and the plots.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import TokenmemError
+
+MODALITIES = ("language", "video", "rl")
+EVICTORS = ("full", "recent", "sink", "separator", "h2o", "namm")
+BUDGETS = (0.25, 0.5)
+SEPARATOR_MODALITIES = ("language",)
+VIDEO_CHUNK = 32  # prompt tokens per prefill call in video QA (about 3.5 frames of 9 tokens)
+VIDEO_BATCH = 12  # questions per ask_many call
+#: items per modality for each size: language prompts (code completion, retrieval), video clips, rl episodes
+#: (and the longest rl episode, None: the environment's 1,000 steps)
+SIZES = {
+    "full": {"code-completion": 40, "retrieval": 48, "clips": 100, "episodes": 10, "max_steps": None},
+    "quick": {"code-completion": 4, "retrieval": 4, "clips": 8, "episodes": 2, "max_steps": None},
+    "smoke": {"code-completion": 1, "retrieval": 4, "clips": 2, "episodes": 1, "max_steps": 60},
+}
+
+
+@dataclass
+class Row:
+    modality: str
+    evictor: str
+    budget: float | None  # None: full cache
+    score: float  # the modality's task metric (see the module docstring)
+    score_std: float | None  # over items (rl: over seeds), None where not meaningful
+    kv_fraction: float
+    throughput: float
+    throughput_unit: str
+    seconds: float
+    items: int
+    metrics: dict = field(default_factory=dict)  # per-task / per-question-kind scores
+    details: dict = field(default_factory=dict)  # what the memory kept (video frames, rl token types)
+
+
+def _evictor(name: str, scorer):
+    return scorer if name == "namm" else name
+
+
+def configs(modality: str, evictors, budgets):
+    """``(evictor, budget)`` pairs of one modality: ``full`` once, every other evictor at every budget."""
+    out = []
+    for name in evictors:
+        if name == "separator" and modality not in SEPARATOR_MODALITIES:
+            continue
+        if name == "full":
+            out.append((name, None))
+        else:
+            out.extend((name, b) for b in budgets)
+    return out
+
+
+# -- language ------------------------------------------------------------------------------------------------
+def run_language(evictors, budgets, size: dict, scorer, progress) -> list[Row]:
+    from transformers import AutoModelForCausalLM
+
+    from tokenmem.memory import TokenMemory
+
+    from . import stdlib_lm_path
+    from .lm_tasks import CodeCompletionTask, RetrievalTask
+
+    path = stdlib_lm_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    per = max(1, size["retrieval"] // 4)  # balanced over the four distances
+    tasks = {"code-completion": CodeCompletionTask(split="eval", limit=size["code-completion"], model_path=str(path)),
+             "retrieval": RetrievalTask(split="eval", per_distance=per, model_path=str(path))}
+    rows = []
+    for name, budget in configs("language", evictors, budgets):
+        def factory():
+            return TokenMemory(model, _evictor(name, scorer), budget=budget)
+
+        t0 = time.perf_counter()
+        outputs = {t: task.run(model, factory) for t, task in tasks.items()}
+        seconds = time.perf_counter() - t0
+        flat = [o for outs in outputs.values() for o in outs]
+        tokens = sum(int(o.input_ids.numel()) + (0 if o.generated is None else int(o.generated.numel())) for o in flat)
+        busy = sum(o.extras["prefill_s"] + o.extras["decode_s"] for o in flat)
+        metrics = {"code-completion ES": round(100 * tasks["code-completion"].score(outputs["code-completion"]), 1),
+                   "retrieval EM": round(100 * tasks["retrieval"].score(outputs["retrieval"]), 1)}
+        rows.append(Row("language", name, budget, round(statistics.mean(metrics.values()), 2), None,
+                        round(statistics.mean(o.extras["held_fraction"] for o in flat), 4),
+                        round(tokens / busy, 1), "tokens/s", round(seconds, 1), len(flat), metrics))
+        progress(rows[-1])
+    return rows
+
+
+# -- video ---------------------------------------------------------------------------------------------------
+def run_video(evictors, budgets, size: dict, scorer, progress, model_path=None) -> list[Row]:
+    from tokenmem.adapters.video import VideoQA
+
+    from . import video_lm_path
+    from . import video_task as task
+
+    path = str(model_path or video_lm_path())
+    frames = _video_frames(path)
+    clips = task.clips("heldout", size["clips"], num_frames=frames)
+    items = [(clip, kind) for clip in clips for kind in task.QUESTIONS]
+    rows, shared = [], None
+    for name, budget in configs("video", evictors, budgets):
+        qa = VideoQA(path if shared is None else shared.model, _evictor(name, scorer), budget, frames=frames,
+                     prefill_chunk=VIDEO_CHUNK,
+                     **({} if shared is None else dict(tokenizer=shared.tokenizer, preprocessor=shared.preprocessor,
+                                                       chat_template=shared.chat_template)))
+        shared = shared or qa
+        hits = {kind: [] for kind in task.QUESTIONS}
+        held, on_events, event_share, per_frame = [], [], [], []
+        t0 = time.perf_counter()
+        for s in range(0, len(items), VIDEO_BATCH):
+            part = items[s : s + VIDEO_BATCH]
+            answers = qa.ask_many([c.frames for c, _ in part], [task.QUESTIONS[k] for _, k in part],
+                                  max_new_tokens=6)
+            held.append(answers[0].memory.stats()["held_fraction"])
+            for (clip, kind), ans in zip(part, answers):
+                hits[kind].append(ans.text.strip() == clip.answer(kind))
+                kept = ans.report.kept.sum(dim=(0, 1)).double()  # [frames]: held tokens of each frame
+                events = torch.zeros(frames, dtype=torch.bool)
+                events[list(clip.events)] = True
+                on_events.append(float(kept[events].sum() / kept.sum().clamp_min(1)))
+                event_share.append(float(events.double().mean()))
+                if clip is clips[0]:
+                    per_frame.append(ans.report.fraction().mean(0).tolist())  # [frames] share held, mean of layers
+        seconds = time.perf_counter() - t0
+        every = [h for v in hits.values() for h in v]
+        metrics = {f"{kind} acc": round(100 * float(np.mean(v)), 1) for kind, v in hits.items()}
+        details = {"event_token_share": round(float(np.mean(on_events)), 4),
+                   "event_frame_share": round(float(np.mean(event_share)), 4),
+                   "example_clip": {"seed": clips[0].seed, "events": list(clips[0].events),
+                                    "event_kinds": {str(k): v for k, v in clips[0].event_kinds.items()},
+                                    "frame_kept": np.mean(per_frame, axis=0).round(4).tolist()}}
+        rows.append(Row("video", name, budget, round(100 * float(np.mean(every)), 2),
+                        round(100 * float(np.std(every)), 2), round(float(np.mean(held)), 4),
+                        round(len(items) / seconds, 2), "questions/s", round(seconds, 1), len(items), metrics, details))
+        progress(rows[-1])
+    return rows
+
+
+def _video_frames(path: str) -> int:
+    import json
+    from pathlib import Path
+
+    card = Path(path) / "training.json"
+    if card.exists():
+        return int(json.loads(card.read_text())["spec"]["frames"])
+    return 24
+
+
+# -- rl ------------------------------------------------------------------------------------------------------
+def run_rl(evictors, budgets, size: dict, scorer, progress, model_path=None, seed: int = 0) -> list[Row]:
+    try:
+        from tokenmem.envs import make_env, shipped_dt_path
+    except ImportError as exc:
+        raise TokenmemError(f"the rl modality needs gymnasium and MuJoCo ({exc}): pip install 'tokenmem[rl]'") from exc
+    from tokenmem.adapters.decision import CachedPolicy, DecisionAdapter, rollout
+    from tokenmem.meta import MODALITY_NAMES
+
+    adapter = DecisionAdapter.from_pretrained(str(model_path or shipped_dt_path()))
+    rows = []
+    for name, budget in configs("rl", evictors, budgets):
+        scores, lengths, held, seconds = [], [], [], 0.0
+        kinds = {"return": 0, "state": 0, "action": 0}
+        for episode in range(size["episodes"]):  # one at a time: a batch would keep finished rows' tokens
+            result = rollout(adapter, CachedPolicy(adapter, _evictor(name, scorer), budget),
+                             [make_env(adapter.env_id)], [seed + episode], max_steps=size["max_steps"])
+            scores.append(float(result.scores[0]))
+            lengths.append(int(result.lengths[0]))
+            seconds += result.seconds
+            held.append(result.memory.stats()["held_fraction"])
+            for layer in result.memory.layers:
+                meta = layer.meta
+                for code, count in zip(*torch.unique(meta.modality[meta.valid], return_counts=True)):
+                    kind = MODALITY_NAMES[int(code)]
+                    if kind in kinds:
+                        kinds[kind] += int(count)
+        total = max(1, sum(kinds.values()))
+        details = {"kept_types": {k: round(v / total, 4) for k, v in kinds.items()},
+                   "mean_length": round(float(np.mean(lengths)), 1)}
+        rows.append(Row("rl", name, budget, round(float(np.mean(scores)), 2), round(float(np.std(scores)), 2),
+                        round(float(np.mean(held)), 4), round(float(np.sum(lengths)) / seconds, 1), "steps/s",
+                        round(seconds, 1), len(scores), {}, details))
+        progress(rows[-1])
+    return rows
+
+
+# -- everything ----------------------------------------------------------------------------------------------
+RUNNERS = {"language": run_language, "video": run_video, "rl": run_rl}
+
+
+def run(modalities=MODALITIES, evictors=EVICTORS, budgets=BUDGETS, size: str = "full", scorer="language",
+        threads: int | None = None, log=print) -> dict:
+    """Run the benchmark and return the report dict (rows + settings); see :mod:`tokenmem.zoo.transfer_report`."""
+    from tokenmem.plugins.namm import NAMM
+
+    bad = [m for m in modalities if m not in RUNNERS]
+    if bad:
+        raise TokenmemError(f"unknown modality {bad[0]!r}; choose from {', '.join(MODALITIES)}")
+    bad = [e for e in evictors if e not in EVICTORS]
+    if bad:
+        raise TokenmemError(f"unknown evictor {bad[0]!r} for the transfer benchmark; choose from {', '.join(EVICTORS)}")
+    if size not in SIZES:
+        raise TokenmemError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
+    if any(not 0 < b < 1 for b in budgets):
+        raise TokenmemError(f"budgets are fractions of the tokens seen in (0, 1), got {list(budgets)}")
+    if threads:
+        torch.set_num_threads(threads)
+    namm = NAMM.load(scorer) if "namm" in evictors else None
+    started = time.time()
+    rows: list[Row] = []
+
+    def progress(row: Row) -> None:
+        budget = "all" if row.budget is None else f"{row.budget:.0%}"
+        log(f"  {row.modality:<8} {row.evictor:<9} {budget:>4}  score {row.score:7.2f}  KV {row.kv_fraction:5.2f}  "
+            f"{row.throughput:8.1f} {row.throughput_unit}  ({row.seconds:.0f} s)")
+
+    seconds = {}
+    for modality in modalities:
+        log(f"{modality}: {len(configs(modality, evictors, budgets))} configurations ({size} size)")
+        t0 = time.perf_counter()
+        rows += RUNNERS[modality](evictors, budgets, SIZES[size], namm, progress)
+        seconds[modality] = round(time.perf_counter() - t0, 1)
+    return {"rows": [asdict(r) for r in rows], "size": size, "sizes": SIZES[size], "scorer": str(scorer),
+            "budgets": list(budgets), "evictors": list(evictors), "modalities": list(modalities),
+            "seconds": seconds, "total_seconds": round(time.time() - started, 1),
+            "machine": {"cpus": _cpus(), "threads": torch.get_num_threads(), "platform": platform.platform(),
+                        "python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": _version("transformers")},
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+# -- command line --------------------------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", const="quick", dest="size",
+                      help=f"fewer items ({SIZES['quick']}; <= 10 min on 2 cores)")
+    size.add_argument("--smoke", action="store_const", const="smoke", dest="size",
+                      help=f"a handful of items ({SIZES['smoke']}; the CI smoke test)")
+    p.set_defaults(size="full")
+    p.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES)
+    p.add_argument("--evictors", nargs="+", default=list(EVICTORS), choices=EVICTORS)
+    p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="fractions of the tokens seen")
+    p.add_argument("--scorer", default="language",
+                   help="NAMM scorer: a shipped name (default: language, unchanged on every modality), 'initial' or a path")
+    p.add_argument("--out", default="tokenmem-bench", help="directory for transfer.json / transfer.md / PNG plots")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    p.add_argument("--readme", default=None, help="also rewrite the transfer section of this README")
+
+
+def main_from_args(args, command: str) -> int:
+    from pathlib import Path
+
+    from .transfer_report import markdown, write
+
+    report = run(args.modalities, args.evictors, args.budgets, args.size, args.scorer, args.threads)
+    files = write(report, Path(args.out), command=command, make_plots=not args.no_plots,
+                  readme=Path(args.readme) if args.readme else None)
+    print()
+    print(markdown(report, command))
+    print("wrote " + ", ".join(str(p) for v in files.values() for p in (v if isinstance(v, list) else [v])))
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python benchmarks/transfer.py`` / ``tokenmem bench`` (the same options)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return main_from_args(args, "tokenmem bench " + " ".join(sys.argv[1:] if argv is None else argv))
