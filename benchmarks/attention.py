@@ -179,6 +179,11 @@ def child_main(spec: dict) -> dict:
     res["rss_built_mib"] = proc_status("VmRSS") / MIB
     res["maxrss_built_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+    if config_name == "tokenmem":  # build / load the compiled mass kernel before anything is timed
+        from tokenmem.kernels import native
+
+        res["mass_path"] = "compiled colmass.cpp" if native.load() is not None else "PyTorch (transposed flash)"
+
     def make_cache():
         if config_name == "tokenmem":
             return tokenmem.TokenMemory(model, "full", record_stats=True)
@@ -420,6 +425,8 @@ def build_report(args, results: dict, available: int, started: str, triton_lines
             if r.get("mass_sum_per_head") is not None:
                 m = r["mass_sum_per_head"]
                 notes.append(f"layer-0 mass/q {min(m):.4f}..{max(m):.4f}")
+            if r.get("mass_path"):
+                notes.append(f"mass pass: {r['mass_path']}")
             if r.get("attn_returned_gib") is not None:
                 w, _ = eager_prediction(ctx)
                 notes.append(f"returned {r['attn_layers']} attention tensors {r['attn_returned_gib']:.2f} GiB "

@@ -12,6 +12,7 @@ from test_kernels import make_inputs, rel_err
 # panel and tile edges: the kernel works on 2 * W keys per tile (W = 8 or 16 floats) and 4 tiles per panel
 SIZES = [(1, 1), (7, 7), (1, 65), (65, 65), (31, 127), (128, 128), (129, 129), (100, 257), (1000, 1000)]
 GROUPS = [(8, 8), (8, 4), (8, 2), (8, 1)]
+LONG = {"block_q": 16, "block_k": 64}  # blocks this small send short test calls down the long-call (two-pass) path
 
 
 def reference_mass(query, key, value, scaling, causal=True, query_valid=None):
@@ -52,15 +53,23 @@ def test_colmass_head_sizes_bf16_strided_query_and_padded_queries(d):
     assert not strided.is_contiguous()
     lse = lse_of(query, key, d**-0.5)
     assert rel_err(native.colmass(strided, key, lse, d**-0.5, True), reference_mass(query, key, value, d**-0.5)) < 1e-5
-    # padded queries (query_valid) give no mass, through the backend
+    # padded queries (query_valid) give no mass, through the backend's long-call path (small blocks force it)
     valid = torch.ones(b, q, dtype=torch.bool)
     valid[1, :9] = False
-    _, mass = cpu.attention_with_stats(query, key, value, scaling=d**-0.5, query_valid=valid, need_mass=True)
+    _, mass = cpu.attention_with_stats(query, key, value, scaling=d**-0.5, query_valid=valid, need_mass=True, **LONG)
     assert rel_err(mass, reference_mass(query, key, value, d**-0.5, query_valid=valid)) < 1e-5
     # bfloat16 inputs: computed in float32 from the rounded values
     qb, kb, vb = query.bfloat16(), key.bfloat16(), value.bfloat16()
-    _, mass = cpu.attention_with_stats(qb, kb, vb, scaling=d**-0.5, need_mass=True)
+    _, mass = cpu.attention_with_stats(qb, kb, vb, scaling=d**-0.5, need_mass=True, **LONG)
     assert rel_err(mass, reference_mass(qb, kb, vb, d**-0.5)) < 1e-2
+
+
+def test_colmass_non_causal_with_more_queries_than_keys_and_empty_batches():
+    query, key, value, _, _ = make_inputs(1, 4, 2, 1000, 500, 32, torch.float32, False, seed=9)
+    _, mass = cpu.attention_with_stats(query, key, value, scaling=0.2, causal=False, need_mass=True)
+    assert rel_err(mass, reference_mass(query, key, value, 0.2, causal=False)) < 1e-5
+    empty = native.colmass(torch.randn(0, 4, 600, 16), torch.randn(0, 2, 600, 16), torch.zeros(0, 4, 600), 0.25, True)
+    assert empty.shape == (0, 2, 600)
 
 
 def test_colmass_is_deterministic_across_thread_counts():
@@ -104,15 +113,20 @@ def test_build_at_first_use_into_the_cache(fresh_native):
     built = list((fresh_native / "kernels").glob("colmass-*.so"))
     assert len(built) == 1
     assert native.build() == built[0]  # cached: the same file, not rebuilt
+    assert built[0].stat().st_mode & 0o755 == 0o755  # loadable by others sharing the cache
 
 
 def test_broken_compiler_warns_and_falls_back_or_fails_when_required(fresh_native, monkeypatch):
     monkeypatch.setenv("CXX", "false")  # found on PATH, fails every call
     monkeypatch.setenv("TOKENMEM_NATIVE", "1")  # the default (the test command exports require)
+    transposed = cpu._mass_transposed
     with pytest.warns(RuntimeWarning, match="fused CPU attention-mass kernel is unavailable"):
         assert native.load() is None
     query, key, value, _, _ = make_inputs(1, 4, 2, 300, 300, 16, torch.float32, False, seed=1)
-    _, mass = cpu.attention_with_stats(query, key, value, scaling=0.25, need_mass=True)  # the PyTorch path
+    calls = []
+    monkeypatch.setattr(cpu, "_mass_transposed", lambda *a: calls.append(1) or transposed(*a))
+    _, mass = cpu.attention_with_stats(query, key, value, scaling=0.25, need_mass=True, **LONG)  # the PyTorch path
+    assert calls
     assert rel_err(mass, reference_mass(query, key, value, 0.25)) < 1e-5
     monkeypatch.setenv("TOKENMEM_NATIVE", "require")
     with pytest.raises(tokenmem.TokenmemError, match="TOKENMEM_NATIVE=require.*building the fused CPU kernel failed"):

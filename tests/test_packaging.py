@@ -22,7 +22,8 @@ def test_wheel_contains_and_imports_the_mapped_packages(tmp_path):
     wheel = next(tmp_path.glob("tokenmem-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("tokenmem/memory.py", "tokenmem/kernels/reference.py", "tokenmem/plugins/sink.py",
-                 "tokenmem/plugins/h2o.py", "tokenmem/adapters/text.py", "tokenmem/envs/__init__.py"):
+                 "tokenmem/plugins/h2o.py", "tokenmem/adapters/text.py", "tokenmem/envs/__init__.py",
+                 "tokenmem/kernels/colmass.cpp", "tokenmem/zoo/models/shapes-llava-video/model.safetensors"):
         assert name in names
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

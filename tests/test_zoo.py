@@ -156,17 +156,34 @@ def test_shipped_scorer_loads_and_runs_a_256_token_generate_on_the_shipped_model
 
 
 def test_demo_runs_every_evictor_and_the_bank_recovers_the_value(capsys):
-    """`tokenmem demo` (the README's main command) on the shipped model and scorer."""
+    """`tokenmem demo` (the README's main command) on the shipped models and scorer: language, video, RL."""
     from tokenmem.demo import run
 
     assert run() == 0
     out = capsys.readouterr().out
-    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    language, rest = out.split("\nVideo QA:", 1)
+    video, hopper = rest.split("\nDecision Transformer:", 1)
+
+    def table(text):
+        return {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+
+    rows = table(language)
     for label in ("full", "recent", "sink", "separator", "h2o", "namm (language scorer)", "sink + memory bank"):
         assert label in rows, out
     assert "(ok)" in rows["full"] and "(ok)" in rows["sink + memory bank"]
     assert "(wrong)" in rows["sink"]  # the value was evicted; the bank brought it back
+    quarters = [float(x) for x in rows["full"].split(" | ")[6].strip(" |").replace("%", "").split("/")]
+    assert quarters == [100.0] * 4  # the full cache holds every prompt token
+    # the video question on a generated held-out clip: full cache, h2o and NAMM at 25%
+    rows = table(video)
+    for label in ("full", "h2o", "namm (language scorer)"):
+        assert label in rows, out
+    assert rows["full"].count("(ok)") >= 2  # the shipped model answers the clip (three questions)
+    kv = {label: int(rows[label].split(" | ")[2].rstrip("%")) for label in ("full", "h2o", "namm (language scorer)")}
+    assert kv["full"] == 100 and kv["h2o"] <= 30 and kv["namm (language scorer)"] <= 30  # 25% + the newest chunk
+    assert "namm kept of each frame" in video
     # the Hopper episode of the shipped Decision Transformer: full history, then NAMM at 60 tokens
+    rows = table(hopper)
     for label in ("full history", "namm (language scorer)"):
         assert label in rows, out
     held = [int(x) for x in rows["namm (language scorer)"].split(" | ")[5].strip(" |").split("/")]

@@ -2,7 +2,7 @@
 
 :func:`run` loads the language model tokenmem trains and ships (``tokenmem/zoo/models/stdlib-llama``) with
 the real ``from_pretrained`` and runs two held-out prompts under every evictor; :func:`video` asks the shipped
-video model three questions about a generated clip, full cache vs the language-trained NAMM scorer at 25%;
+video model three questions about a generated clip, full cache vs h2o and the language-trained NAMM scorer at 25%;
 :func:`hopper` then rolls out the shipped Decision Transformer for one Hopper-v5 episode, full history vs the
 same scorer at 60 tokens. :func:`train_byte_bpe` (the
 tokenizer builder shared with the zoo and the tests) and :func:`build_demo_model` (a random-weight
@@ -136,8 +136,8 @@ def held_by_quarter(memory, prompt_len: int) -> list[float]:
 def video(model_path: str | None = None, budget: float = 0.25, clip_index: int = 0) -> list[dict]:
     """The three questions about one generated held-out clip, asked of the shipped video model
     (``shapes-llava-video``) with the full cache and with the language-trained NAMM scorer (unchanged) holding
-    ``budget`` of the tokens, the prompt streamed in chunks so that the memory chooses while it watches; prints
-    each answer and which frames the memory kept (event frames starred)."""
+    ``budget`` of the tokens (and h2o at the same budget), the prompt streamed in chunks so that the memory chooses
+    while it watches; prints each answer and which frames the memory kept (event frames starred)."""
     from tokenmem.adapters.video import VideoQA
     from tokenmem.plugins.namm import NAMM
     from tokenmem.zoo import video_lm_path
@@ -153,7 +153,8 @@ def video(model_path: str | None = None, budget: float = 0.25, clip_index: int =
     print("\n| memory | budget | KV held | " + " | ".join(task.QUESTIONS) + " | held video tokens on event frames |")
     print("|---|---|---|---|---|---|---|")
     rows, shared = [], None
-    for label, evictor, b in (("full", "full", None), ("namm (language scorer)", NAMM.pretrained("language"), budget)):
+    for label, evictor, b in (("full", "full", None), ("h2o", "h2o", budget),
+                              ("namm (language scorer)", NAMM.pretrained("language"), budget)):
         extra = {} if shared is None else dict(tokenizer=shared.tokenizer, preprocessor=shared.preprocessor,
                                               chat_template=shared.chat_template)
         qa = VideoQA(path if shared is None else shared.model, evictor, b, frames=frames, prefill_chunk=VIDEO_CHUNK,
@@ -173,7 +174,7 @@ def video(model_path: str | None = None, budget: float = 0.25, clip_index: int =
     print(f"(truth: {', '.join(clip.answer(k) for k in task.QUESTIONS)})")
     per_frame = " ".join(f"{t}{'*' if t in clip.events else ''}:{100 * v:.0f}%" for t, v in enumerate(rows[-1]["frame_kept"]))
     print(f"namm kept of each frame (mean over layers and KV heads; * = event frame): {per_frame}")
-    print("Full table over 100 held-out clips and every evictor: tokenmem bench (see README, Results).")
+    print("Full table over 200 held-out clips and every evictor: tokenmem bench (see README, Results).")
     return rows
 
 

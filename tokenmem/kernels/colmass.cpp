@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <system_error>
 #include <thread>
 #include <vector>
 #if defined(__AVX512F__)
@@ -36,7 +37,11 @@ typedef int32_t vi __attribute__((vector_size(W * 4)));
 #define TM_NV 2
 #endif
 #ifndef TM_R
-#define TM_R 12
+#if defined(__AVX512F__)
+#define TM_R 12  // 24 accumulators of 32 zmm registers
+#else
+#define TM_R 6   // 12 accumulators of 16 ymm registers
+#endif
 #endif
 constexpr int NV = TM_NV;       // vectors per tile row
 constexpr int SUB = NV * W;     // keys per tile
@@ -61,10 +66,11 @@ inline vf loadu(const float* p) {
 }
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
-inline vf vexp(vf x) {  // exp(x) for x <= ~0; 0 below -87 (and for -inf)
-  const vf lo = splat(-87.0f);
+inline vf vexp(vf x) {  // exp(x): 0 below -87 (and for -inf); x is clamped at 88 (callers pass x <= ~0)
+  const vf lo = splat(-87.0f), hi = splat(88.0f);
   const vi under = x < lo;
   x = under ? lo : x;
+  x = x > hi ? hi : x;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
   const vf t = x * 1.44269504088896341f + magic;
   const vf n = t - magic;
@@ -213,12 +219,13 @@ void run_task(const Problem& p, int64_t task, std::vector<float>& kt, std::vecto
 
 extern "C" {
 
-// Per-key mass (float32) of one attention call; see the file comment. Returns 0, or -1 on bad sizes.
+// Per-key mass (float32) of one attention call; see the file comment. Returns 0, -1 on bad sizes, -2 when a worker
+// could not run (out of memory).
 int tokenmem_colmass_f32(const float* q, int64_t qsb, int64_t qsh, int64_t qsi, const float* k, int64_t ksb,
                          int64_t ksh, int64_t ksj, const float* lse, int64_t lsb, int64_t lsh, int64_t lsi,
                          float* mass, int B, int H, int G, int Q, int N, int D, float scale, int causal,
                          int threads) {
-  if (B <= 0 || H <= 0 || G <= 0 || Q <= 0 || N < Q || D <= 0) return -1;
+  if (B <= 0 || H <= 0 || G <= 0 || Q <= 0 || N <= 0 || D <= 0 || (causal && N < Q)) return -1;
   const Problem p{q, qsb, qsh, qsi, k, ksb, ksh, ksj, lse, lsb, lsh, lsi, mass, B, H, G, Q, N, D, scale, causal != 0};
   const int64_t tasks = static_cast<int64_t>((N + PANEL - 1) / PANEL) * B * H;
   std::atomic<int64_t> next{0};
@@ -228,10 +235,20 @@ int tokenmem_colmass_f32(const float* q, int64_t qsb, int64_t qsh, int64_t qsi, 
     for (int64_t t = next++; t < tasks; t = next++) run_task(p, t, kt, total);
   };
   const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
-  std::vector<std::thread> pool;
-  for (int t = 1; t < n; ++t) pool.emplace_back(worker);
-  worker();
-  for (auto& t : pool) t.join();
+  try {  // no C++ exception may cross into Python (ctypes): report it as a status instead
+    std::vector<std::thread> pool;
+    for (int t = 1; t < n; ++t) {
+      try {
+        pool.emplace_back(worker);
+      } catch (const std::system_error&) {
+        break;  // fewer threads than asked: the ones running take every task
+      }
+    }
+    worker();
+    for (auto& t : pool) t.join();
+  } catch (...) {
+    return -2;
+  }
   return 0;
 }
 

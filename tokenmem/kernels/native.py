@@ -87,6 +87,7 @@ def build(force: bool = False) -> Path:
         if proc.returncode != 0:
             raise TokenmemError(f"building the fused CPU kernel failed ({cxx} {' '.join(FLAGS)} {SOURCE}):\n"
                                 f"{proc.stderr.strip()[-2000:]}\nSet TOKENMEM_NATIVE=0 to use the PyTorch path")
+        os.chmod(tmp, 0o755)  # mkstemp made it 0600: others sharing the cache must be able to load it
         os.replace(tmp, target)  # atomic: concurrent builders (torchrun ranks) each write their own temp file
     finally:
         if os.path.exists(tmp):
@@ -136,15 +137,19 @@ def colmass(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scaling: 
     fn = fn or load()
     if fn is None:
         return None
+    if (query.dim() != 4 or key.dim() != 4 or key.shape[0] != query.shape[0] or key.shape[3] != query.shape[3]
+            or key.shape[1] == 0 or query.shape[1] % key.shape[1] or (causal and key.shape[2] < query.shape[2])
+            or tuple(lse.shape) != tuple(query.shape[:3]) or {t.device.type for t in (query, key, lse)} != {"cpu"}):
+        raise TokenmemError(f"colmass: CPU query [b, hq, q, d], key [b, hkv, n, d] (n >= q when causal) and lse "
+                            f"[b, hq, q] with hq a multiple of hkv, got {tuple(query.shape)}, {tuple(key.shape)}, "
+                            f"{tuple(lse.shape)}")
     b, hq, q, d = query.shape
     hkv, n = key.shape[1], key.shape[2]
-    if (key.dim() != 4 or key.shape[0] != b or key.shape[3] != d or hq % hkv or n < q
-            or tuple(lse.shape) != (b, hq, q) or {t.device.type for t in (query, key, lse)} != {"cpu"}):
-        raise TokenmemError(f"colmass: CPU query [b, hq, q, d], key [b, hkv, n >= q, d] and lse [b, hq, q] with hq a "
-                            f"multiple of hkv, got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(lse.shape)}")
     query = query.to(torch.float32)
     key = key.to(torch.float32)
     lse = lse.to(torch.float32)
+    if bool(torch.isneginf(lse).any()):  # a query that sees no key attends to nothing (as in the reference)
+        lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
     if query.stride(-1) != 1:
         query = query.contiguous()
     if key.stride(-1) != 1:
@@ -153,11 +158,16 @@ def colmass(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scaling: 
     if mass.shape != (b, hkv, n) or mass.dtype != torch.float32 or not mass.is_contiguous():
         raise TokenmemError(f"colmass: out must be a contiguous float32 [{b}, {hkv}, {n}], got "
                             f"{tuple(mass.shape)} {mass.dtype}")
+    if mass.numel() == 0 or q == 0:
+        return mass.zero_()
     status = fn(query.data_ptr(), query.stride(0), query.stride(1), query.stride(2),
                 key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
                 lse.data_ptr(), lse.stride(0), lse.stride(1), lse.stride(2),
                 mass.data_ptr(), b, hkv, hq // hkv, q, n, d, float(scaling), int(bool(causal)),
                 max(1, torch.get_num_threads()))
+    if status == -2:
+        raise TokenmemError("the fused CPU kernel could not run its threads (out of memory?); set TOKENMEM_NATIVE=0 "
+                            "to use the PyTorch path")
     if status != 0:
         raise TokenmemError(f"the fused CPU kernel rejected the sizes b={b} hq={hq} hkv={hkv} q={q} n={n} d={d}")
     return mass

@@ -47,8 +47,8 @@ VIDEO_BATCH = 12  # questions per ask_many call
 #: items per modality for each size: language prompts (code completion, retrieval), video clips, rl episodes
 #: (and the longest rl episode, None: the environment's 1,000 steps)
 SIZES = {
-    "full": {"code-completion": 40, "retrieval": 48, "clips": 100, "episodes": 10, "max_steps": None},
-    "quick": {"code-completion": 4, "retrieval": 4, "clips": 8, "episodes": 2, "max_steps": None},
+    "full": {"code-completion": 40, "retrieval": 48, "clips": 200, "episodes": 20, "max_steps": None},
+    "quick": {"code-completion": 8, "retrieval": 8, "clips": 16, "episodes": 3, "max_steps": None},
     "smoke": {"code-completion": 1, "retrieval": 4, "clips": 2, "episodes": 1, "max_steps": 60},
 }
 
@@ -288,7 +288,9 @@ def add_arguments(p) -> None:
     p.add_argument("--scorer", default="language",
                    help="NAMM scorer: a shipped name (default: language, unchanged on every modality), 'initial' or a path")
     p.add_argument("--out", default="tokenmem-bench", help="directory for transfer.json / transfer.md / PNG plots")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: these models are small, and a second OpenMP thread stalls "
+                        "whenever another process takes its core)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     p.add_argument("--readme", default=None, help="also rewrite the transfer section of this README")
 
