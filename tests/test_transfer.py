@@ -27,12 +27,14 @@ def test_claims_state_what_the_rows_say():
     lines = transfer_report.claims(synthetic_report())
     namm = next(line for line in lines if line.startswith("- **video, 25%**"))
     assert "beats recent (79.0 vs 50.0" in namm and "beats sink" in namm and "ties h2o" in namm
-    assert "within 2% of full" in namm and "+1.2% below" in namm
+    assert "within 2% of full" in namm and "1.2% below" in namm
     assert any("namm at 25%: 20%" in line and "does not favour event frames" in line for line in lines)
     assert any("h2o at 25%: 40%" in line and "keeps event frames first" in line for line in lines)
     report = synthetic_report()
     report["rows"][-1]["score"] = 70.0
     assert "not within 2% of full" in "\n".join(transfer_report.claims(report))
+    report["rows"][1]["score"] = 69.5  # recent: 0.5 below with a spread of 1.0 over 3 items: noise
+    assert "beats recent (within noise)" in "\n".join(transfer_report.claims(report))
 
 
 def test_readme_section_is_replaced_between_markers(tmp_path):
@@ -58,6 +60,20 @@ def test_separator_runs_only_where_separators_exist():
     assert ("separator", 0.25) in transfer.configs("language", transfer.EVICTORS, (0.25,))
     assert all(name != "separator" for name, _ in transfer.configs("video", transfer.EVICTORS, (0.25,)))
     assert transfer.configs("rl", ("full", "h2o"), (0.25, 0.5)) == [("full", None), ("h2o", 0.25), ("h2o", 0.5)]
+
+
+def test_shipped_report_is_regenerated_from_its_json(tmp_path):
+    """benchmarks/results/transfer: the markdown (and README section) come from the JSON alone."""
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "transfer"
+    assert transfer.main(["--from-json", str(shipped / "transfer.json"), "--out", str(tmp_path), "--no-plots"]) == 0
+    assert (tmp_path / "transfer.md").read_text() == (shipped / "transfer.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split(transfer_report.README_BEGIN)[1].split(transfer_report.README_END)[0]
+    assert (shipped / "transfer.md").read_text() in section
+    with pytest.raises(TokenmemError, match="no such file"):
+        transfer.main(["--from-json", str(tmp_path / "missing.json"), "--out", str(tmp_path)])
 
 
 @pytest.mark.slow

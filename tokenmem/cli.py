@@ -2,7 +2,7 @@
 
     tokenmem evictors                      list registered evictors
     tokenmem generate --model PATH --prompt-file F --evictor sink --budget 512
-    tokenmem demo                          the shipped language model under every evictor
+    tokenmem demo                          the three shipped models (language, video, RL) under the evictors
     tokenmem evolve --task synthetic --generations 20 --out DIR   evolve a NAMM scorer (CMA-ES)
     tokenmem rollout --env Hopper-v5 --evictor namm --budget 60   Decision Transformer episodes
     tokenmem video-qa --model PATH --video FILE --question "..." --frames 32   LLaVA-NeXT-Video QA
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="the shipped language model on two held-out prompts under every evictor")
+    p = sub.add_parser("demo", help="the shipped language, video and RL models under the evictors and the "
+                                    "language-trained NAMM scorer")
     p.add_argument("--model", default=None, help="local model directory (default: the shipped stdlib-llama)")
     p.add_argument("--budget", type=float, default=0.25, help="fraction of the context each memory keeps")
     p.set_defaults(func=cmd_demo)

@@ -48,7 +48,7 @@ VIDEO_BATCH = 12  # questions per ask_many call
 #: (and the longest rl episode, None: the environment's 1,000 steps)
 SIZES = {
     "full": {"code-completion": 40, "retrieval": 48, "clips": 200, "episodes": 20, "max_steps": None},
-    "quick": {"code-completion": 8, "retrieval": 8, "clips": 16, "episodes": 3, "max_steps": None},
+    "quick": {"code-completion": 16, "retrieval": 16, "clips": 50, "episodes": 5, "max_steps": None},
     "smoke": {"code-completion": 1, "retrieval": 4, "clips": 2, "episodes": 1, "max_steps": 60},
 }
 
@@ -293,6 +293,8 @@ def add_arguments(p) -> None:
                         "whenever another process takes its core)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     p.add_argument("--readme", default=None, help="also rewrite the transfer section of this README")
+    p.add_argument("--from-json", default=None, metavar="PATH",
+                   help="run nothing: rewrite the report, plots (and --readme) from an earlier transfer.json")
 
 
 def main_from_args(args, command: str) -> int:
@@ -300,7 +302,16 @@ def main_from_args(args, command: str) -> int:
 
     from .transfer_report import markdown, write
 
-    report = run(args.modalities, args.evictors, args.budgets, args.size, args.scorer, args.threads)
+    if args.from_json:
+        import json
+
+        source = Path(args.from_json)
+        if not source.is_file():
+            raise TokenmemError(f"--from-json {source}: no such file; give the transfer.json of an earlier run")
+        report = json.loads(source.read_text(encoding="utf-8"))
+        command = report.get("command") or command
+    else:
+        report = run(args.modalities, args.evictors, args.budgets, args.size, args.scorer, args.threads)
     files = write(report, Path(args.out), command=command, make_plots=not args.no_plots,
                   readme=Path(args.readme) if args.readme else None)
     print()

@@ -11,6 +11,8 @@ from ..errors import TokenmemError
 BASELINES = ("recent", "sink", "h2o")
 UNITS = {"language": "mean of code-completion ES and retrieval EM (x100)", "video": "accuracy (%, chance 25)",
          "rl": "D4RL-normalised score (Hopper)"}
+COLOURS = {"full": "black", "recent": "tab:orange", "sink": "tab:green", "separator": "tab:brown", "h2o": "tab:red",
+           "namm": "tab:purple"}  # one colour per evictor in every panel
 README_BEGIN, README_END = "<!-- transfer:begin -->", "<!-- transfer:end -->"
 
 
@@ -71,13 +73,15 @@ def claims(report: dict) -> list[str]:
                     continue
                 verdict = "beats" if namm["score"] > other["score"] else "ties" if namm["score"] == other["score"] \
                     else "loses to"
-                parts.append(f"{verdict} {name} ({namm['score']:.1f} vs {other['score']:.1f}, KV {namm['kv_fraction']:.2f} "
-                             f"vs {other['kv_fraction']:.2f})")
+                noise = " (within noise)" if verdict != "ties" and _within_noise(namm, other) else ""
+                parts.append(f"{verdict} {name}{noise} ({namm['score']:.1f} vs {other['score']:.1f}, KV "
+                             f"{namm['kv_fraction']:.2f} vs {other['kv_fraction']:.2f})")
             line = f"- **{modality}, {budget:.0%}**: NAMM " + "; ".join(parts)
             if full is not None and full["score"]:
                 gap = 1 - namm["score"] / full["score"]
                 within = "within" if gap <= 0.02 else "not within"
-                line += f"; {within} 2% of full ({namm['score']:.1f} vs {full['score']:.1f}, {gap:+.1%} below)"
+                side = f"{gap:.1%} below" if gap >= 0 else f"{-gap:.1%} above"
+                line += f"; {within} 2% of full ({namm['score']:.1f} vs {full['score']:.1f}, {side})"
             out.append(line + ".")
         if modality == "video":
             for r in rows:
@@ -89,6 +93,14 @@ def claims(report: dict) -> list[str]:
                 out.append(f"- video, {r['evictor']} at {r['budget']:.0%}: {d['event_token_share']:.0%} of the held video "
                            f"tokens are on event frames, which are {d['event_frame_share']:.0%} of the video: {first}.")
     return out
+
+
+def _within_noise(a: dict, b: dict) -> bool:
+    """|difference| below two standard errors of it (rows with a spread over items: video questions, rl seeds)."""
+    if a.get("score_std") is None or b.get("score_std") is None:
+        return False
+    se = (a["score_std"] ** 2 / max(1, a["items"]) + b["score_std"] ** 2 / max(1, b["items"])) ** 0.5
+    return abs(a["score"] - b["score"]) < 2 * se
 
 
 def markdown(report: dict, command: str | None = None) -> str:
@@ -139,7 +151,8 @@ def plots(report: dict, out_dir: Path) -> list[Path]:
         for name in dict.fromkeys(r["evictor"] for r in rows):
             mine = sorted((r for r in rows if r["evictor"] == name), key=lambda r: r["kv_fraction"])
             style = dict(marker="*", markersize=12) if name == "namm" else dict(marker="o")
-            ax.plot([r["kv_fraction"] for r in mine], [r["score"] for r in mine], label=name, **style)
+            ax.plot([r["kv_fraction"] for r in mine], [r["score"] for r in mine], label=name,
+                    color=COLOURS.get(name), **style)
         ax.set_title(modality)
         ax.set_xlabel("KV fraction held")
         ax.set_ylabel(UNITS[modality], fontsize=8)
@@ -210,8 +223,10 @@ def _rl_plot(plt, rows, path: Path) -> Path:
 
 def write(report: dict, out_dir: Path, *, command: str | None = None, make_plots: bool = True,
           readme: Path | None = None) -> dict:
-    """``transfer.json``, ``transfer.md`` and the plots in ``out_dir``; optionally the README section."""
+    """``transfer.json``, ``transfer.md`` and the plots in ``out_dir``; optionally the README section. ``command``
+    (what made the numbers) is kept in the JSON, so that a report rewritten from it names the original run."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    command = report.setdefault("command", command)
     (out_dir / "transfer.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     text = markdown(report, command)
     (out_dir / "transfer.md").write_text(text, encoding="utf-8")
