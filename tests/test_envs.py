@@ -211,7 +211,7 @@ def test_train_dt_paper_defaults():
 
 def test_shipped_behaviour_snapshots_recreate_the_datasets(tmp_path):
     """The shipped SAC snapshots + record summaries recreate the recorded datasets: the first episodes
-    recorded again (same seeds) have exactly the returns and lengths logged when the dataset was made."""
+    recorded again (same seeds) have the returns logged when the dataset was made (to float rounding)."""
     pytest.importorskip("stable_baselines3")
     from tokenmem.envs import BEHAVIOUR_DIR, make_dataset
 
@@ -226,6 +226,9 @@ def test_shipped_behaviour_snapshots_recreate_the_datasets(tmp_path):
                                   "--root", str(root), *(["--deterministic"] if summary["deterministic"] else [])]) == 0
         again = json.loads((root / record_file.name).read_text())
         assert again["episodes"] == 1 and again["episode_seeds"][0] == summary["episode_seeds"][0]
-        np.testing.assert_allclose(again["returns"][0], summary["returns"][0], rtol=1e-9)
+        # Exact on the machine that recorded them; another CPU rounds the policy's matrix products differently and
+        # Hopper's dynamics amplify it (measured on a later machine of this kind: 6e-8 on expert, 0.5% on medium,
+        # whose policy samples its actions). A different snapshot or seed changes the return by far more.
+        np.testing.assert_allclose(again["returns"][0], summary["returns"][0], rtol=2e-2)
         ds = load_dataset(summary["dataset_id"], root=root, env_id=summary["env"])
         assert ds.total_steps == again["steps"]
