@@ -155,6 +155,26 @@ def test_shipped_scorer_loads_and_runs_a_256_token_generate_on_the_shipped_model
         NAMM.pretrained("klingon")
 
 
+def test_shipped_video_model_answers_held_out_clips_well_above_chance():
+    """shapes-llava-video loads with plain from_pretrained and, through VideoQA with the full cache, answers held-out
+    clips far above chance (25% per question; its card reports 91.3% on 300 clips)."""
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    from tokenmem.adapters.video import VideoQA
+    from tokenmem.zoo import video_lm_path, video_task
+
+    path = video_lm_path()
+    model = LlavaNextVideoForConditionalGeneration.from_pretrained(path)
+    assert sum(p.numel() for p in model.parameters()) == json.loads((path / "training.json").read_text())["parameters"]
+    assert (path / "model.safetensors").stat().st_size < 30 * 2**20
+    qa = VideoQA(path, "full", frames=24)
+    clips = video_task.clips("heldout", 12)
+    items = [(clip, kind) for clip in clips for kind in video_task.QUESTIONS]
+    answers = qa.ask_many([c.frames for c, _ in items], [video_task.QUESTIONS[k] for _, k in items], max_new_tokens=6)
+    right = [a.text.strip() == clip.answer(kind) for a, (clip, kind) in zip(answers, items)]
+    assert np.mean(right) >= 0.75
+
+
 def test_demo_runs_every_evictor_and_the_bank_recovers_the_value(capsys):
     """`tokenmem demo` (the README's main command) on the shipped models and scorer: language, video, RL."""
     from tokenmem.demo import run

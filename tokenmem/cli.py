@@ -82,7 +82,7 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from tokenmem.zoo import transfer
 
-    return transfer.main_from_args(args, "tokenmem bench " + " ".join(sys.argv[2:]))
+    return transfer.main_from_args(args, "tokenmem " + " ".join(args.argv))
 
 
 def cmd_evolve(args) -> int:
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given (reports name it)
     try:
         return args.func(args)
     except TokenmemError as exc:

@@ -138,11 +138,10 @@ def video(model_path: str | None = None, budget: float = 0.25, clip_index: int =
     (``shapes-llava-video``) with the full cache and with the language-trained NAMM scorer (unchanged) holding
     ``budget`` of the tokens (and h2o at the same budget), the prompt streamed in chunks so that the memory chooses
     while it watches; prints each answer and which frames the memory kept (event frames starred)."""
-    from tokenmem.adapters.video import VideoQA
     from tokenmem.plugins.namm import NAMM
     from tokenmem.zoo import video_lm_path
     from tokenmem.zoo import video_task as task
-    from tokenmem.zoo.transfer import VIDEO_CHUNK
+    from tokenmem.zoo.transfer import event_token_share, video_qa
 
     path = str(model_path or video_lm_path())
     clip = task.make_clip(task.heldout_seed(clip_index))
@@ -155,16 +154,11 @@ def video(model_path: str | None = None, budget: float = 0.25, clip_index: int =
     rows, shared = [], None
     for label, evictor, b in (("full", "full", None), ("h2o", "h2o", budget),
                               ("namm (language scorer)", NAMM.pretrained("language"), budget)):
-        extra = {} if shared is None else dict(tokenizer=shared.tokenizer, preprocessor=shared.preprocessor,
-                                              chat_template=shared.chat_template)
-        qa = VideoQA(path if shared is None else shared.model, evictor, b, frames=frames, prefill_chunk=VIDEO_CHUNK,
-                     **extra)
-        shared = shared or qa
+        qa = shared = video_qa(shared or path, evictor, b, frames)
         answers = qa.ask_many([clip.frames] * len(task.QUESTIONS), list(task.QUESTIONS.values()), max_new_tokens=6)
         said = [a.text.strip() for a in answers]
         marks = [f"{s} ({'ok' if s == clip.answer(k) else 'wrong'})" for s, k in zip(said, task.QUESTIONS)]
-        kept = answers[0].report.kept.sum(dim=(0, 1)).double()  # [frames]
-        on_events = float(kept[list(clip.events)].sum() / kept.sum().clamp_min(1))
+        on_events = event_token_share(answers[0].report, clip)
         share = len(clip.events) / frames
         held = answers[0].memory.stats()["held_fraction"]
         print(f"| {label} | {'all' if b is None else f'{b:.0%}'} | {held:.0%} | " + " | ".join(marks)

@@ -122,8 +122,6 @@ def run_language(evictors, budgets, size: dict, scorer, progress) -> list[Row]:
 
 # -- video ---------------------------------------------------------------------------------------------------
 def run_video(evictors, budgets, size: dict, scorer, progress, model_path=None) -> list[Row]:
-    from tokenmem.adapters.video import VideoQA
-
     from . import video_lm_path
     from . import video_task as task
 
@@ -133,11 +131,7 @@ def run_video(evictors, budgets, size: dict, scorer, progress, model_path=None) 
     items = [(clip, kind) for clip in clips for kind in task.QUESTIONS]
     rows, shared = [], None
     for name, budget in configs("video", evictors, budgets):
-        qa = VideoQA(path if shared is None else shared.model, _evictor(name, scorer), budget, frames=frames,
-                     prefill_chunk=VIDEO_CHUNK,
-                     **({} if shared is None else dict(tokenizer=shared.tokenizer, preprocessor=shared.preprocessor,
-                                                       chat_template=shared.chat_template)))
-        shared = shared or qa
+        qa = shared = video_qa(shared or path, _evictor(name, scorer), budget, frames)
         hits = {kind: [] for kind in task.QUESTIONS}
         held, on_events, event_share, per_frame = [], [], [], []
         t0 = time.perf_counter()
@@ -148,11 +142,8 @@ def run_video(evictors, budgets, size: dict, scorer, progress, model_path=None) 
             held.append(answers[0].memory.stats()["held_fraction"])
             for (clip, kind), ans in zip(part, answers):
                 hits[kind].append(ans.text.strip() == clip.answer(kind))
-                kept = ans.report.kept.sum(dim=(0, 1)).double()  # [frames]: held tokens of each frame
-                events = torch.zeros(frames, dtype=torch.bool)
-                events[list(clip.events)] = True
-                on_events.append(float(kept[events].sum() / kept.sum().clamp_min(1)))
-                event_share.append(float(events.double().mean()))
+                on_events.append(event_token_share(ans.report, clip))
+                event_share.append(len(clip.events) / frames)
                 if clip is clips[0]:
                     per_frame.append(ans.report.fraction().mean(0).tolist())  # [frames] share held, mean of layers
         seconds = time.perf_counter() - t0
@@ -168,6 +159,23 @@ def run_video(evictors, budgets, size: dict, scorer, progress, model_path=None) 
                         round(len(items) / seconds, 2), "questions/s", round(seconds, 1), len(items), metrics, details))
         progress(rows[-1])
     return rows
+
+
+def video_qa(model, evictor, budget, frames: int):
+    """A streaming :class:`VideoQA` (prompt fed in ``VIDEO_CHUNK``-token chunks) on a model directory, or on the
+    model, tokenizer and preprocessor of an earlier ``VideoQA`` (loaded once for many evictors)."""
+    from tokenmem.adapters.video import VideoQA
+
+    if isinstance(model, VideoQA):
+        return VideoQA(model.model, evictor, budget, tokenizer=model.tokenizer, preprocessor=model.preprocessor,
+                       chat_template=model.chat_template, frames=frames, prefill_chunk=VIDEO_CHUNK)
+    return VideoQA(model, evictor, budget, frames=frames, prefill_chunk=VIDEO_CHUNK)
+
+
+def event_token_share(report, clip) -> float:
+    """Share of the held video tokens (all layers and KV heads) that lie on the clip's event frames."""
+    kept = report.kept.sum(dim=(0, 1)).double()  # [frames]: held tokens of each frame
+    return float(kept[list(clip.events)].sum() / kept.sum().clamp_min(1))
 
 
 def _video_frames(path: str) -> int:
