@@ -179,17 +179,39 @@ def test_calibration_freezes_feature_statistics():
     assert not torch.equal(namm.norm_mean, torch.zeros(17))
 
 
-def test_streamed_ema_in_memory_equals_batch_stft_of_eager_attention():
-    """The whole chain: kernel rows -> memory row window (long calls split) -> NAMM.observe frame by
-    frame == float64 torch.stft over each token's eager attention column."""
+def test_aligned_ema_update_equals_the_general_one():
+    """The memory's fast path (every token older than the queries, rows kept [queries, tokens]) gives the
+    general update's EMA and tail, for one hop and for many."""
+    from tokenmem.plugins.namm.features import update_ema_aligned
+
+    cfg = NAMMConfig(interval=64)
+    g = torch.Generator().manual_seed(5)
+    for t, n in ((16, 1), (16, 37), (128, 300), (64, 5)):
+        ema, tail = torch.rand(2, 3, n, cfg.bins, generator=g), torch.rand(2, 3, n, cfg.tail, generator=g)
+        rows = torch.rand(2, 3, t, n, generator=g)
+        first = torch.zeros(2, 3, n, dtype=torch.long)
+        ref = update_ema(ema, tail, rows, first, cfg)
+        ours = update_ema_aligned(ema, tail, rows, cfg)
+        for a, b in zip(ref, ours):
+            assert ((a - b).abs().max() / a.abs().max()).item() < 1e-6, (t, n)
+
+
+@pytest.mark.parametrize("rows_chunk, calls", [(256, (70,)), (0, (70,)), (32, (70,)), (256, (33, 17, 45))])
+def test_streamed_ema_in_memory_equals_batch_stft_of_eager_attention(rows_chunk, calls):
+    """The whole chain: kernel rows -> memory row window (long calls split into ``rows_chunk`` sub-chunks,
+    or into window-sized ones with 0) -> NAMM.observe == float64 torch.stft over each token's eager
+    attention column, whatever the call sizes."""
     eager = tiny_model("llama", attn="eager")
     ours = twin(eager)
     cfg = NAMMConfig(interval=64)
-    memory = tokenmem.TokenMemory(ours, NAMM(cfg))  # initial scorer: keeps everything
+    memory = tokenmem.TokenMemory(ours, NAMM(cfg, rows_chunk=rows_chunk))  # initial scorer: keeps everything
     ids = torch.randint(3, 300, (1, 150), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
-        ours(ids[:, :70], past_key_values=memory, use_cache=True)  # one long call (split into hops inside)
-        for i in range(70, 150):
+        start = 0
+        for size in calls:  # prefill calls
+            ours(ids[:, start : start + size], past_key_values=memory, use_cache=True)
+            start += size
+        for i in range(start, 150):
             ours(ids[:, i : i + 1], past_key_values=memory, use_cache=True)
         attn = eager(ids, output_attentions=True).attentions
     frames_queries = 150 - 150 % cfg.hop

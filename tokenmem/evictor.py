@@ -79,6 +79,11 @@ class Evictor:
     #: :meth:`observe` whenever the window fills (splitting long calls), and the evictor consumes rows
     #: with ``view.consume_rows(k)``. Every query's row reaches the evictor exactly once.
     stats_window: int = 0
+    #: > 0 (with ``stats_window``): a call longer than the free part of the rows window is processed in
+    #: sub-chunks of up to this many queries, and :meth:`observe` sees the unconsumed rows plus a whole
+    #: sub-chunk's rows at once (``view.rows`` may then hold more than ``stats_window`` rows); the newest
+    #: rows it leaves, at most ``stats_window``, stay for the next call. 0: sub-chunks fill the window.
+    rows_chunk: int = 0
 
     def state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Per-token state the memory must store for this evictor: name -> (trailing shape, dtype)."""

@@ -295,7 +295,10 @@ class TokenMemory(Cache):
             query_valid = (chunk[:, 0, :, FLAGS] & PAD) == 0  # [b, q]
         need_mass = self.record_stats or self.evictor.needs_stats or (self.bank is not None and self.bank.needs_mass)
         extra = None if self.bank is None else self.bank.retrieve(layer, query, query_valid)  # banked tokens
-        if layer.rows is None:
+        if layer.rows is not None and self.evictor.rows_chunk and q > layer.rows.shape[2] - layer.row_count:
+            out = self._attend_with_row_chunks(layer, query, q, scaling, causal, key_valid, query_valid, need_mass,
+                                               dropout, extra)
+        elif layer.rows is None:
             out, mass = self._kernel(
                 extra, query, layer.keys, layer.values, scaling=scaling, causal=causal,
                 key_valid=key_valid, query_valid=query_valid, need_mass=need_mass, dropout=dropout,
@@ -349,6 +352,51 @@ class TokenMemory(Cache):
             layer.row_count += c
             layer.mass = mass
             self.evictor.observe(self._view(layer, self.budget_tokens(layer.seen) or n, c))
+            s += c
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _attend_with_row_chunks(self, layer, query, q, scaling, causal, key_valid, query_valid, need_mass, dropout,
+                                extra=None):
+        """Attention for a call longer than the free part of the rows window, for evictors that set
+        ``rows_chunk``: the queries go in sub-chunks of up to ``rows_chunk``, one kernel call each, whose rows
+        land in a scratch buffer behind the rows not yet consumed; the evictor observes them all at once, and
+        the newest rows it leaves (at most the window) return to the layer's window. Every query's row
+        reaches the evictor exactly once, as in :meth:`_attend_with_rows`, with far fewer kernel calls and
+        observations, while the layer keeps only ``stats_window`` rows between calls."""
+        n, w = layer.held, layer.rows.shape[2]
+        b, h = layer._k.shape[:2]
+        step = self.evictor.rows_chunk
+        outs = []
+        mass = torch.zeros(b, h, n, device=query.device) if need_mass else None
+        if layer.row_count:  # earlier queries did not see the keys appended by this call
+            layer.rows[:, :, : layer.row_count, n - q : n] = 0
+        s = 0
+        while s < q:
+            c = min(q - s, step)
+            r = layer.row_count
+            limit = n - q + s + c  # keys visible to this sub-chunk (causal by slot)
+            scratch = torch.empty(b, h, r + c, n, dtype=torch.float32, device=query.device)  # [b, h, r + c, n]
+            if r:
+                scratch[:, :, :r] = layer.rows[:, :, :r, :n]
+            if limit < n:
+                scratch[:, :, r:, limit:] = 0
+            out, part = self._kernel(
+                extra, query[:, :, s : s + c], layer._k[:, :, :limit], layer._v[:, :, :limit], scaling=scaling,
+                causal=causal, key_valid=None if key_valid is None else key_valid[..., :limit],
+                query_valid=None if query_valid is None else query_valid[:, s : s + c],
+                need_mass=need_mass, rows=scratch[:, :, r:, :limit], dropout=dropout,
+            )
+            outs.append(out)
+            if mass is not None:
+                mass[..., :limit] += part
+            layer.mass = mass
+            window = _ScratchRows(scratch)
+            view = self._view(layer, self.budget_tokens(layer.seen) or n, c)
+            view.rows, view._layer = scratch, window
+            self.evictor.observe(view)
+            left = min(r + c - window.consumed, w)  # the newest unconsumed rows, at most the window
+            layer.rows[:, :, :left, :n] = scratch[:, :, r + c - left :]
+            layer.row_count = left
             s += c
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
@@ -456,6 +504,19 @@ class TokenMemory(Cache):
     def _reposition(self, layer: MemoryLayer) -> None:
         """``shift`` mode: re-rotate the kept keys to their slot positions ``0..held-1``."""
         self._rotate_to_slots(layer, 0)
+
+
+class _ScratchRows:
+    """Stands in for the layer while an evictor observes scratch rows: counts the rows it consumes."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.available = rows.shape[2]
+        self.consumed = 0
+
+    def consume_rows(self, count: int) -> None:
+        if not 0 <= count <= self.available - self.consumed:
+            raise TokenmemError(f"cannot consume {count} rows: the window holds {self.available - self.consumed}")
+        self.consumed += count
 
 
 def _local_tokenizer(model):

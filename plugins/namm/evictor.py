@@ -21,7 +21,7 @@ from tokenmem.errors import TokenmemError
 from tokenmem.evictor import Evictor, LayerView, register_evictor
 
 from .config import NAMMConfig
-from .features import normalise, recency_features, update_ema
+from .features import normalise, recency_features, update_ema, update_ema_aligned
 from .scorer import bam_scores, initial_params, num_params, unflatten
 
 
@@ -31,7 +31,8 @@ class NAMM(Evictor):
     description = "NAMM: evolved attention-spectrogram scorer (BAM); keeps tokens scoring >= 0"
 
     def __init__(self, config: NAMMConfig | None = None, params: torch.Tensor | None = None,
-                 norm_mean: torch.Tensor | None = None, norm_var: torch.Tensor | None = None, **fields):
+                 norm_mean: torch.Tensor | None = None, norm_var: torch.Tensor | None = None, *,
+                 rows_chunk: int = 256, **fields):
         if config is not None and fields:
             raise TokenmemError("pass either a NAMMConfig or config fields, not both")
         self.config = config or NAMMConfig(**fields)
@@ -45,7 +46,8 @@ class NAMM(Evictor):
         self.norm_mean = torch.zeros(cfg.bins) if norm_mean is None else torch.as_tensor(norm_mean, dtype=torch.float32)
         self.norm_var = torch.ones(cfg.bins) if norm_var is None else torch.as_tensor(norm_var, dtype=torch.float32)
         self.threshold = cfg.threshold
-        self.stats_window = cfg.hop  # rows are folded into the EMA one hop at a time (see observe)
+        self.stats_window = cfg.hop  # at most hop - 1 rows wait between calls (observe folds every complete hop)
+        self.rows_chunk = rows_chunk  # a prefill chunk's rows reach observe in one piece (see TokenMemory)
         self.default_interval = cfg.interval
         self.calibrating = False
         self._calib = None  # running (count, mean, M2) per bin while calibrating
@@ -135,18 +137,24 @@ class NAMM(Evictor):
         Streaming frame by frame gives exactly the batch definition (STFT over the queries since the
         last update, left-padded with the previous ``n_fft - hop`` samples, frames that end before a
         token existed masked, EMA ``ema**hop`` per frame): a token absent when a frame completes was not
-        yet stored, and its state and tail start at zero. The memory only keeps ``hop`` rows per layer.
+        yet stored, and its state and tail start at zero. All complete hops are folded in one update (a
+        frame that ends before a token existed sees only zeros, so it adds nothing); fewer than ``hop`` rows
+        wait in the memory for the next call. With ``rows_chunk`` the memory hands a prefill chunk's rows
+        over in one piece, so a 128-token chunk costs one kernel call and one update per layer, not eight.
         """
         cfg = self.config
         rows = view.rows
         done = 0
-        while rows is not None and rows.shape[2] - done >= cfg.hop:
+        if rows is not None and rows.shape[2] >= cfg.hop:  # every complete hop at once (frames are independent)
+            done = rows.shape[2] // cfg.hop * cfg.hop
             ema, tail = view.state["namm_ema"], view.state["namm_tail"]
-            first = torch.zeros(ema.shape[:3], dtype=torch.long, device=ema.device)
-            new_ema, new_tail = update_ema(ema, tail, rows[:, :, done : done + cfg.hop], first, cfg)
+            if cfg.n_fft == 2 * cfg.hop:
+                new_ema, new_tail = update_ema_aligned(ema, tail, rows[:, :, :done], cfg)
+            else:
+                first = torch.zeros(ema.shape[:3], dtype=torch.long, device=ema.device)
+                new_ema, new_tail = update_ema(ema, tail, rows[:, :, :done], first, cfg)
             ema.copy_(new_ema)
             tail.copy_(new_tail)
-            done += cfg.hop
         if done:
             view.consume_rows(done)
 

@@ -35,6 +35,16 @@ def dft_basis(cfg: NAMMConfig, device) -> torch.Tensor:
     return _BASIS[key]
 
 
+def _split_basis(cfg: NAMMConfig, device) -> torch.Tensor:
+    """``[4 * bins, hop]``: the transposed DFT basis of the window's first ``hop`` samples stacked over that of
+    its last ``hop`` samples (``n_fft == 2 * hop``)."""
+    key = ("split", cfg.n_fft, str(device))
+    if key not in _BASIS:
+        basis = dft_basis(cfg, device)
+        _BASIS[key] = torch.cat([basis[: cfg.hop].T, basis[cfg.hop :].T], dim=0).contiguous()
+    return _BASIS[key]
+
+
 def frame_weights(frames: int, start: torch.Tensor, cfg: NAMMConfig) -> torch.Tensor:
     """``[..., frames]`` EMA weights: ``gamma**(frames-1-f)`` where frame ``f`` ends after the token's
     first sample ``start`` (in padded-signal coordinates), else 0."""
@@ -72,6 +82,40 @@ def update_ema(
         spec = torch.sqrt(reim[..., : cfg.bins] ** 2 + reim[..., cfg.bins :] ** 2)  # magnitudes
         weights = frame_weights(frames, first_query[:, :, s:e] + pad, cfg)  # [b, h, c, frames]
         new_ema[:, :, s:e] += torch.einsum("bhcf,bhcfk->bhck", weights, spec)
+    return new_ema, new_tail
+
+
+def update_ema_aligned(
+    ema: torch.Tensor,  # [b, h, n, bins] float32
+    tail: torch.Tensor,  # [b, h, n, n_fft - hop] float32
+    rows: torch.Tensor,  # [b, h, t, n] attention rows of the t newest queries (oldest first), t a multiple of hop
+    cfg: NAMMConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`update_ema` when every token existed before the first of the ``t`` queries (``first_query`` all
+    zero; a token appended during the queries gets zero attention before it exists, so its early frames add
+    nothing either -- the memory's streaming case). Needs ``n_fft == 2 * hop`` (the paper's setting).
+
+    The rows stay in their ``[queries, tokens]`` layout (no transpose of the ``t x n`` block): frame ``f``
+    covers hop blocks ``f - 1`` and ``f`` (block ``-1`` is the tail), so its windowed DFT is
+    ``basis[:hop]^T @ block_{f-1} + basis[hop:]^T @ block_f``, two batched matmuls over every frame.
+    """
+    b, h, t, n = rows.shape
+    hop = cfg.hop
+    if t % hop or cfg.n_fft != 2 * hop:
+        raise ValueError(f"update_ema_aligned needs t a multiple of hop={hop} and n_fft == 2 * hop")
+    frames, k2 = t // hop, 2 * cfg.bins
+    halves = _split_basis(cfg, rows.device)  # [2 * 2 bins, hop]: (first half of the window)^T over (second half)^T
+    blocks = rows.to(torch.float32).reshape(b, h, frames, hop, n)  # [b, h, F, hop, n]
+    both = torch.matmul(halves, blocks)  # [b, h, F, 4 bins, n]: each block under both window halves
+    reim = both[:, :, :, k2:]  # the block as frame f's second half
+    reim[:, :, 1:] += both[:, :, :-1, :k2]  # the previous block as its first half
+    reim[:, :, 0] += torch.matmul(halves[:k2], tail.transpose(2, 3))  # frame 0's first half: the tail
+    spec = reim[:, :, :, : cfg.bins].square_().add_(reim[:, :, :, cfg.bins :].square_()).sqrt_()  # [b, h, F, bins, n]
+    gamma = cfg.ema ** hop
+    weights = gamma ** torch.arange(frames - 1, -1, -1, device=rows.device, dtype=torch.float32)  # [F]
+    contribution = torch.matmul(weights, spec.reshape(b, h, frames, -1)).view(b, h, cfg.bins, n)  # [b, h, bins, n]
+    new_ema = ema * (cfg.ema ** t) + contribution.transpose(2, 3)
+    new_tail = blocks[:, :, -1].transpose(2, 3).contiguous()  # the last hop samples: [b, h, n, hop]
     return new_ema, new_tail
 
 
