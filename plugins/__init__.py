@@ -1,6 +1,7 @@
 """tokenmem.plugins: the evictors. Importing this package registers every built-in evictor."""
 
 from . import full, h2o, namm, random_keep, recent, separator, sink  # noqa: F401  (registration side effects)
+from . import ada, expected_attention, infinipot_v, keydiff, knorm, pyramid, snapkv, tova  # noqa: F401  (the evictor zoo)
 from .full import FullEvictor
 from .h2o import H2OEvictor
 from .namm import NAMM, NAMMConfig
