@@ -86,6 +86,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_evolve(args) -> int:
+    import tokenmem.zoo.lm_tasks  # noqa: F401  (registers the shipped language tasks)
     from tokenmem.plugins.namm import evolve
 
     return evolve.main(args)
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-covariance", action="store_true",
                    help="full-covariance CMA-ES instead of the diagonal one (sep-CMA-ES); slow for 4,172 dimensions")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process (default 1)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop early when the mean's fitness has not improved for this many generations")
     p.add_argument("--out", required=True, help="output directory: checkpoint.pkl, evolution.json, the final scorer")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pkl when it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

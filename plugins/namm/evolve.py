@@ -104,7 +104,9 @@ def _import_cma():
 
 
 class Fitness:
-    """``theta -> mean over tasks of score(NAMM(theta)) / score(full cache)``.
+    """``theta -> mean over tasks of score(NAMM(theta)) / score(full cache)``, or of
+    ``task.relative_score(outputs(NAMM(theta)), outputs(full cache))`` for tasks that define it (the
+    likelihood tasks of :mod:`.likelihood`).
 
     Holds the tasks' models (loaded once), the NAMM config and normalisation statistics and the
     full-cache reference scores. Each call is self-contained (fresh memories, the tasks' fixed prompts),
@@ -140,11 +142,18 @@ class Fitness:
         namm.freeze()
         self.norm_mean, self.norm_var = namm.norm_mean.clone(), namm.norm_var.clone()
 
-    def compute_reference(self) -> dict[str, float]:
-        """Each task's score with the full cache (computed once; the fitness divides by it)."""
+    def compute_reference(self) -> dict[str, float | list]:
+        """Each task's score with the full cache (computed once; the fitness divides by it), or, for a task
+        with ``relative_score`` (:mod:`.likelihood`), its full-cache outputs (per-prompt values)."""
         ref = {}
         for task, model in zip(self.tasks, self.models):
-            value = float(task.score(task.run(model, self.memory_factory(task, model, "full"))))
+            outputs = task.run(model, self.memory_factory(task, model, "full"))
+            if hasattr(task, "relative_score"):
+                ref[task.name] = [float(v) for v in outputs]
+                if not all(math.isfinite(v) for v in ref[task.name]):
+                    raise TokenmemError(f"task {task.name!r} gives non-finite values with the full cache")
+                continue
+            value = float(task.score(outputs))
             if not value > 0 or not math.isfinite(value):
                 raise TokenmemError(f"task {task.name!r} scores {value} with the full cache; the fitness divides "
                                     "by the full-cache score, which must be finite and > 0")
@@ -163,7 +172,11 @@ class Fitness:
         namm = self.namm(vector)
         out = {}
         for task, model in zip(self.tasks, self.models):
-            out[task.name] = float(task.score(task.run(model, self.memory_factory(task, model, namm)))) / self.reference[task.name]
+            outputs = task.run(model, self.memory_factory(task, model, namm))
+            if hasattr(task, "relative_score"):
+                out[task.name] = float(task.relative_score(outputs, self.reference[task.name]))
+            else:
+                out[task.name] = float(task.score(outputs)) / self.reference[task.name]
         return out
 
     def __call__(self, vector) -> float:
@@ -284,6 +297,7 @@ class EvolveSettings:
     diagonal: bool = True  # sep-CMA-ES (linear cost); False: full covariance (O(n^2) memory)
     threads: int | None = 1  # intra-op threads per process (1: bitwise-identical fitness for any process count)
     calibrate: bool = True  # feature normalisation from the initial scorer's features
+    patience: int | None = None  # stop early when the mean's fitness has not improved for this many generations
 
     def __post_init__(self):
         if self.generations < 0:
@@ -294,17 +308,28 @@ class EvolveSettings:
             raise TokenmemError(f"sigma must be > 0, got {self.sigma}")
         if not 0 < self.elite_ratio <= 1:
             raise TokenmemError(f"elite_ratio must lie in (0, 1], got {self.elite_ratio}")
+        if self.patience is not None and self.patience < 1:
+            raise TokenmemError(f"patience must be >= 1 generation (or None: never stop early), got {self.patience}")
 
     @property
     def mu(self) -> int:
         return max(1, min(self.population, round(self.elite_ratio * self.population)))
 
     def identity(self) -> dict:
-        """The settings a resumed run must share (``generations`` and ``threads`` may change)."""
+        """The settings a resumed run must share (``generations``, ``threads`` and ``patience`` may change)."""
         d = asdict(self)
-        d.pop("generations")
-        d.pop("threads")
+        for name in ("generations", "threads", "patience"):
+            d.pop(name)
         return d
+
+
+def stalled(history: list[dict], patience: int | None) -> bool:
+    """True when the mean's fitness has not improved on its best for ``patience`` generations."""
+    if not patience or not history:
+        return False
+    values = [h["mean_fitness"] for h in history]
+    best = max(range(len(values)), key=lambda i: (values[i], -i))  # the first generation reaching the best
+    return len(values) - 1 - best >= patience
 
 
 def make_strategy(x0: np.ndarray, settings: EvolveSettings):
@@ -470,6 +495,10 @@ def _evolve(tasks, out, settings, config, models, resume, callback, progress, di
     count = settings.population + 1  # the mean, then the population
     try:
         for generation in range(start, settings.generations):
+            if dist.broadcast_object(stalled(state["history"], settings.patience) if rank0 else None):
+                if bar is not None:
+                    bar.write(f"stopping: the mean's fitness has not improved for {settings.patience} generations")
+                break
             tick = time.perf_counter()
             candidates = torch.zeros(count, dims, dtype=torch.float64)
             if rank0:
@@ -558,7 +587,7 @@ def main(args) -> int:
     tasks = [get_task(name, seed=args.task_seed) for name in names]
     settings = EvolveSettings(generations=args.generations, population=args.population, sigma=args.sigma,
                               elite_ratio=args.elite_ratio, seed=args.seed, diagonal=not args.full_covariance,
-                              threads=args.threads)
+                              threads=args.threads, patience=getattr(args, "patience", None))
     result = evolve(tasks, args.out, settings=settings, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         curve = " ".join(f"{v:.4f}" for v in result.mean_curve)

@@ -307,21 +307,9 @@ class AgreementTask(PromptTask):
         return float(sum(fractions) / len(fractions))
 
 
-def _language_task(name: str) -> Callable[..., Task]:
-    """The shipped language tasks (:mod:`tokenmem.zoo.lm_tasks`) on their ``evolve`` split."""
-
-    def factory(seed: int = 0, **options) -> Task:
-        from tokenmem.zoo.lm_tasks import get_language_task
-
-        options.setdefault("split", "evolve")
-        return get_language_task(name, **options)
-
-    return factory
-
-
-TASKS: dict[str, Callable[..., Task]] = {"synthetic": SyntheticTask,
-                                          "code-completion": _language_task("code-completion"),
-                                          "retrieval": _language_task("retrieval")}
+# Built in: the synthetic task. The shipped language tasks are registered by :mod:`tokenmem.zoo.lm_tasks` (a layer
+# above the plugins), which ``tokenmem evolve`` imports.
+TASKS: dict[str, Callable[..., Task]] = {"synthetic": SyntheticTask}
 
 
 def register_task(name: str, factory: Callable[..., Task]) -> None:
@@ -331,7 +319,8 @@ def register_task(name: str, factory: Callable[..., Task]) -> None:
 
 def get_task(name: str, **options) -> Task:
     if name not in TASKS:
-        raise TokenmemError(f"unknown evolution task {name!r}; known: {', '.join(sorted(TASKS))}")
+        raise TokenmemError(f"unknown evolution task {name!r}; known: {', '.join(sorted(TASKS))} (the shipped "
+                            "language tasks register when tokenmem.zoo.lm_tasks is imported, as `tokenmem evolve` does)")
     return TASKS[name](**options)
 
 

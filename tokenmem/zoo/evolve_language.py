@@ -1,16 +1,25 @@
 """Evolve the shipped language NAMM scorer (``NAMM.pretrained("language")``).
 
-    torchrun --nproc_per_node 2 -m tokenmem.zoo.evolve_language --generations 30   # resumable
-    python -m tokenmem.zoo.evolve_language --ship                                  # copy into the package
+    python -m tokenmem.zoo.evolve_language                                   # v2: resumable, checkpoint per generation
+    torchrun --nproc_per_node 2 -m tokenmem.zoo.evolve_language              # the same on two processes
+    python -m tokenmem.zoo.evolve_language --status                          # where a run stands
+    python -m tokenmem.zoo.evolve_language --ship                            # copy the finished scorer into the package
 
-Fitness: the mean over tasks of ``score(NAMM) / score(full cache)`` (:class:`tokenmem.plugins.namm.evolve.Fitness`)
-on the *evolve* split of the shipped language tasks (:mod:`tokenmem.zoo.lm_tasks`), disjoint by file from
-the *eval* split the report uses: code completion and planted-value retrieval at 25% and at 50% of the
-context (NAMM keeps the tokens it scores >= 0, capped at the budget by top score), fed in 128-token
-chunks with NAMM updating every 128 tokens. CMA-ES settings are the paper's (sep-CMA, sigma 0.065, elite
-ratio 0.5) with a smaller population for this 2-core machine. Checkpoints go to ``--out`` (outside the
-repository) after every generation; ``--ship`` writes the final mean scorer, its evolution log and a
-fitness-curve PNG to ``tokenmem/zoo/scorers/language``.
+**v2 (the default, ``--fitness likelihood``).** Fitness: the mean over six tasks of how much of the full
+cache's likelihood NAMM keeps (:mod:`tokenmem.plugins.namm.likelihood`): the teacher-forced log-likelihood of
+the answer after a streamed prompt (code completion: the next line; retrieval: the planted value's digits) and
+the streaming perplexity of code windows, each at 25% and 50% of the context, on 32 equal-length prompts per
+task from the *evolve* split (:mod:`tokenmem.zoo.namm_fitness`), disjoint by file from the *eval* split the
+reports use. Prompts stream in 128-token chunks with NAMM updating every 128 tokens (the interval v1 used).
+CMA-ES: the paper's settings (sep-CMA-ES, sigma0 0.065, elite ratio 0.5) with population 16 (the paper: 32),
+40 generations or until the mean has not improved for 10. Checkpoints go to ``--out`` (outside the repository)
+after every generation; a killed run resumes where it stopped.
+
+**v1 (``--fitness v1``)**: the ratio of greedy-decoding scores (edit similarity, exact match) to the full cache
+on 8 prompts per task: the fitness of the ``language-v1`` scorer, kept for reproducibility.
+
+``--ship`` writes the final mean scorer, its evolution log and a fitness-curve PNG to
+``tokenmem/zoo/scorers/language`` (moving a v1 scorer found there to ``language-v1`` first).
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ import os
 import shutil
 from pathlib import Path
 
-DEFAULT_OUT = Path(os.environ.get("TOKENMEM_CACHE", Path.home() / ".cache" / "tokenmem")) / "namm-language"
+CACHE = Path(os.environ.get("TOKENMEM_CACHE", Path.home() / ".cache" / "tokenmem"))
+DEFAULT_OUT = {"likelihood": CACHE / "namm-language-v2", "v1": CACHE / "namm-language"}
 INTERVAL = 128
 
 
@@ -61,12 +71,32 @@ def plot_curve(log: dict, png: Path) -> None:
     fig.savefig(png, dpi=100)
 
 
+def status(out: Path) -> str:
+    """A few lines on where the run in ``out`` stands (from its log)."""
+    log_file = out / "evolution.json"
+    if not log_file.exists():
+        return f"no run in {out}"
+    log = json.loads(log_file.read_text())
+    curve = log["mean_fitness"]
+    seconds = sum(log["seconds_per_generation"])
+    lines = [f"{out}: {log['generations_done']} generations done ({seconds / 3600:.2f} h of generations, "
+             f"{seconds / max(1, len(curve)) / 60:.1f} min each)"]
+    if curve:
+        lines.append(f"mean fitness: first {curve[0]:.4f}, last {curve[-1]:.4f}, best {max(curve):.4f}; "
+                     f"best member seen {max(log['best_fitness']):.4f}")
+    lines.append("finished: final mean " + (f"{log['final']['mean_fitness']:.4f}" if log.get("final") else "not yet"))
+    return "\n".join(lines)
+
+
 def ship(out: Path) -> None:
     from . import SCORERS_DIR
 
     dest = SCORERS_DIR / "language"
     if not (out / "scorer.json").exists():
         raise SystemExit(f"no finished evolution in {out}")
+    v1 = SCORERS_DIR / "language-v1"
+    if dest.exists() and not v1.exists():
+        shutil.move(str(dest), str(v1))  # keep v1 loadable as NAMM.pretrained("language-v1")
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("scorer.json", "scorer.safetensors", "evolution.json"):
         shutil.copy(out / name, dest / name)
@@ -76,26 +106,50 @@ def ship(out: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(DEFAULT_OUT))
-    p.add_argument("--generations", type=int, default=30)
-    p.add_argument("--population", type=int, default=12)
+    p.add_argument("--fitness", choices=("likelihood", "v1"), default="likelihood",
+                   help="likelihood: the v2 fitness (default); v1: the greedy-decoding fitness of language-v1")
+    p.add_argument("--out", default=None, help="run directory (default: ~/.cache/tokenmem/namm-language-v2, "
+                                               "or namm-language for --fitness v1)")
+    p.add_argument("--generations", type=int, default=None, help="default 40 (v1: 30)")
+    p.add_argument("--population", type=int, default=None, help="default 16 (v1: 12)")
+    p.add_argument("--patience", type=int, default=None, help="stop when the mean has not improved for this many "
+                                                              "generations (default 10 for v2, none for v1)")
     p.add_argument("--sigma", type=float, default=0.065)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--code-prompts", type=int, default=8)
-    p.add_argument("--retrieval-per-distance", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4, help="v2: prompts per forward call")
+    p.add_argument("--code-prompts", type=int, default=8, help="v1 only")
+    p.add_argument("--retrieval-per-distance", type=int, default=2, help="v1 only")
     p.add_argument("--model", default=None, help="model directory (default: the shipped stdlib-llama)")
+    p.add_argument("--status", action="store_true", help="print where the run stands and exit")
     p.add_argument("--ship", action="store_true", help="copy the finished scorer into the package")
     args = p.parse_args(argv)
+    v2 = args.fitness == "likelihood"
+    out = Path(args.out) if args.out else DEFAULT_OUT[args.fitness]
+    if args.status:
+        print(status(out))
+        return 0
     if args.ship:
-        ship(Path(args.out))
+        ship(out)
         return 0
     from ..plugins.namm.config import NAMMConfig
     from ..plugins.namm.evolve import EvolveSettings, evolve
 
-    tasks = build_tasks(args.code_prompts, args.retrieval_per_distance, args.model)
-    settings = EvolveSettings(generations=args.generations, population=args.population, sigma=args.sigma,
-                              seed=args.seed, threads=1)
-    result = evolve(tasks, args.out, settings=settings, config=NAMMConfig(interval=INTERVAL), resume=True)
+    if v2:
+        from . import namm_fitness
+
+        model = None
+        if args.model:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+        tasks = namm_fitness.tasks(model, batch_size=args.batch_size)
+        models = [t.model for t in tasks]
+    else:
+        tasks, models = build_tasks(args.code_prompts, args.retrieval_per_distance, args.model), None
+    settings = EvolveSettings(generations=args.generations or (40 if v2 else 30),
+                              population=args.population or (16 if v2 else 12), sigma=args.sigma, seed=args.seed,
+                              threads=1, patience=args.patience if args.patience is not None else (10 if v2 else None))
+    result = evolve(tasks, out, settings=settings, config=NAMMConfig(interval=INTERVAL), models=models, resume=True)
     if int(os.environ.get("RANK", "0")) == 0:
         print("mean fitness by generation:", " ".join(f"{v:.4f}" for v in result.mean_curve))
         print(f"reference (full cache): {result.reference}")

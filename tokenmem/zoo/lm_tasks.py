@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import TokenmemError
-from ..plugins.namm.tasks import PromptTask
+from ..plugins.namm.tasks import PromptTask, register_task
 from . import DATA_DIR, planting
 from .corpus import iter_files
 
@@ -311,6 +311,18 @@ def get_language_task(name: str, **options) -> LanguageTask:
     if name not in TASKS:
         raise TokenmemError(f"unknown language task {name!r}; known: {', '.join(TASKS)}")
     return TASKS[name](**options)
+
+
+def _evolve_split_factory(name: str):
+    def factory(seed: int = 0, **options) -> LanguageTask:
+        options.setdefault("split", "evolve")
+        return get_language_task(name, **options)
+
+    return factory
+
+
+for _name in ("code-completion", "retrieval"):  # `tokenmem evolve --task code-completion` (the evolve split)
+    register_task(_name, _evolve_split_factory(_name))
 
 
 def main(argv=None) -> None:
