@@ -270,3 +270,253 @@ def test_shift_positions_match_key_rerotation_press(models, compression_ratio):
     ours_tokens, ours_logits = _tokenmem_decode(ours, mem, ours_first, DECODE_STEPS)
     assert torch.equal(ours_tokens, peer_tokens), f"tokenmem {ours_tokens.tolist()} vs kvpress {peer_tokens.tolist()}"
     torch.testing.assert_close(ours_logits, peer_logits, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The evictor zoo (issue #17): snapkv, tova, keydiff, knorm, expected_attention, pyramid, ada
+# ---------------------------------------------------------------------------------------------
+# kvpress's one-shot setting: one prefill of PROMPT_LEN tokens, compressed once at its end at the same
+# compression ratio, then DECODE_STEPS greedy steps without compression. tokenmem: the same prefill into a
+# TokenMemory whose interval (64) is longer than the decode, so it evicts once, after the prefill.
+# Models: the tiny Llama above (GQA, 2 query heads per KV head) and a tiny Qwen2 with the same shape (GQA,
+# biased q/k/v projections), both at transformers' default initialisation (std 0.02), and "peaked" twins with
+# every matrix x4 (attention concentrated on few keys, as in tests/conftest.py), including a multi-head Llama
+# (4 KV heads, no GQA) for Expected Attention.
+from kvpress import (  # noqa: E402
+    AdaKVPress,
+    ExpectedAttentionPress,
+    KeyDiffPress,
+    KnormPress,
+    PyramidKVPress,
+    SnapKVPress,
+    TOVAPress,
+)
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from tokenmem.scoring import pyramid_budgets  # noqa: E402
+
+ZOO_MODELS = {  # name -> (family, KV heads, peaked)
+    "llama-gqa": ("llama", 2, False),
+    "qwen2-gqa": ("qwen2", 2, False),
+    "llama-gqa-peaked": ("llama", 2, True),
+    "qwen2-gqa-peaked": ("qwen2", 2, True),
+    "llama-mha": ("llama", 4, False),
+    "llama-mha-peaked": ("llama", 4, True),
+}
+_zoo_cache: dict = {}
+
+
+def _zoo_pair(name: str):
+    """(kvpress model, tokenmem model) of :data:`ZOO_MODELS`: identical weights, separate configs."""
+    if name not in _zoo_cache:
+        family, kv_heads, peaked = ZOO_MODELS[name]
+        config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+
+        def config():
+            return config_cls(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                              num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+                              attn_implementation="sdpa")
+
+        torch.manual_seed(1234)
+        peer = model_cls(config()).eval()
+        if peaked:
+            with torch.no_grad():
+                for pname, p in peer.named_parameters():
+                    if p.dim() == 2 and "emb" not in pname:
+                        p.mul_(4.0)
+        ours = model_cls(config()).eval()
+        ours.load_state_dict(peer.state_dict())
+        _zoo_cache[name] = (peer, ours)
+    return _zoo_cache[name]
+
+
+def _distinct_prompt(seed: int = 7) -> torch.Tensor:
+    """A prompt of PROMPT_LEN *different* token ids. With repeated ids, layer 0's keys of one id differ only by
+    their RoPE rotation: the same key norm (knorm) to the last bit, exact ties that kvpress's ``topk`` and
+    tokenmem (newer first) break differently."""
+    return torch.randperm(128, generator=torch.Generator().manual_seed(seed))[None, :PROMPT_LEN]
+
+
+def _kvpress_kept(peer, ids, press):
+    """kvpress's prefill with ``press``: (kept positions per layer as ``[b][h]`` sorted lists, cache, logits).
+    AdaKV keeps every key and masks the pruned ones (``module.masked_key_indices``); the others keep rows."""
+    full, _ = _kvpress_prefill(peer, ids)
+    cache, logits = _kvpress_prefill(peer, ids, press)
+    kept = []
+    for i in range(LAYERS):
+        if isinstance(press, AdaKVPress):
+            b, h, n = cache.layers[i].keys.shape[:3]
+            keep = torch.ones(b, h, n, dtype=torch.bool)
+            batch, head, seq = peer.model.layers[i].self_attn.masked_key_indices
+            keep[batch, head, seq] = False
+            kept.append([[torch.nonzero(keep[x, y]).flatten().tolist() for y in range(h)] for x in range(b)])
+        else:
+            kept.append(_as_sets(_positions_of_rows(cache.layers[i].keys, full.layers[i].keys)))
+    return kept, cache, logits
+
+
+def _tokenmem_kept(mem):
+    """The positions each head of each layer attends to (valid slots: not masked, not padding)."""
+    kept = []
+    for layer in mem.layers:
+        meta = layer.meta
+        b, h, _ = meta.position.shape
+        kept.append([[sorted(meta.position[x, y][meta.valid[x, y]].tolist()) for y in range(h)] for x in range(b)])
+    return kept
+
+
+def _differences(peer_sets, ours_sets):
+    """Symmetric differences ``[(layer, row, head, |peer ^ ours|)]`` where the sets differ."""
+    out = []
+    for i, (p_layer, o_layer) in enumerate(zip(peer_sets, ours_sets)):
+        for x, (p_row, o_row) in enumerate(zip(p_layer, o_layer)):
+            for y, (p, o) in enumerate(zip(p_row, o_row)):
+                if set(p) != set(o):
+                    out.append((i, x, y, len(set(p) ^ set(o))))
+    return out
+
+
+def _zoo_compare(model, press, evictor, budget, *, decode=True, **options):
+    """kvpress ``press`` vs ``TokenMemory(ours, evictor, budget, interval=64, **options)``: the same kept set in
+    every layer, row and KV head, then the same greedy continuation with logits within 1e-4."""
+    peer, ours = _zoo_pair(model)
+    ids = _distinct_prompt()
+    peer_sets, cache, peer_first = _kvpress_kept(peer, ids, press)
+    mem, ours_first = _tokenmem_prefill(ours, ids, evictor, budget, interval=64, **options)
+    ours_sets = _tokenmem_kept(mem)
+    assert _differences(peer_sets, ours_sets) == [], f"{evictor} on {model}: kept sets differ"
+    # not a vacuous comparison: some head keeps something other than the newest tokens
+    recent = [list(range(PROMPT_LEN - len(s), PROMPT_LEN)) for layer in peer_sets for row in layer for s in row]
+    assert [s for layer in peer_sets for row in layer for s in row] != recent
+    torch.testing.assert_close(ours_first, peer_first, rtol=0, atol=1e-4)  # both evict after the prefill's attention
+    if decode:
+        peer_tokens, peer_logits = _kvpress_decode(peer, cache, peer_first, PROMPT_LEN, DECODE_STEPS)
+        ours_tokens, ours_logits = _tokenmem_decode(ours, mem, ours_first, DECODE_STEPS)
+        assert torch.equal(ours_tokens, peer_tokens), f"tokenmem {ours_tokens.tolist()} vs kvpress {peer_tokens.tolist()}"
+        torch.testing.assert_close(ours_logits, peer_logits, rtol=0, atol=1e-4)
+        full_logits = _full_cache_logits(peer, ids, peer_tokens)
+        assert float((full_logits[:, 1:] - peer_logits[:, 1:]).abs().max()) > 1e-4, "compression changed nothing"
+    return peer_sets, ours_sets, mem
+
+
+OVERLAP_PEAKED_LLAMA, OVERLAP_PEAKED_QWEN = 0.8, 0.72  # measured: 254 / 300 and 231 / 300 kept tokens in common
+ZOO_GQA = ["llama-gqa", "qwen2-gqa", "llama-gqa-peaked", "qwen2-gqa-peaked"]
+
+
+@pytest.mark.parametrize("model", ZOO_GQA)
+@pytest.mark.parametrize(("compression_ratio", "window", "kernel_size", "fraction"),
+                         [(0.5, 8, 5, False), (0.75, 16, 3, False), (0.5, 8, 7, True)])
+def test_snapkv_keeps_what_snapkv_press_keeps(model, compression_ratio, window, kernel_size, fraction):
+    """SnapKV: the window's mean attention (GQA: the rows are the group mean; average pooling and the group mean
+    commute) pooled with zero padding, the window itself kept. Float budget: the kept fraction."""
+    n_kept = compute_n_kept(PROMPT_LEN, compression_ratio)
+    press = SnapKVPress(compression_ratio=compression_ratio, window_size=window, kernel_size=kernel_size)
+    budget = 1.0 - compression_ratio if fraction else n_kept
+    _zoo_compare(model, press, "snapkv", budget, window=window, kernel_size=kernel_size)
+
+
+@pytest.mark.parametrize("model", ZOO_GQA)
+@pytest.mark.parametrize("compression_ratio", [0.5, 0.75])
+def test_tova_keeps_what_tova_press_keeps(model, compression_ratio):
+    """TOVA: the newest query's attention averaged over all query heads (the mean over KV heads of the
+    group-mean rows), the newest token kept, every head the same set."""
+    press = TOVAPress(compression_ratio=compression_ratio)
+    peer_sets, _, _ = _zoo_compare(model, press, "tova", compute_n_kept(PROMPT_LEN, compression_ratio))
+    assert all(len({tuple(s) for s in row}) == 1 for layer in peer_sets for row in layer)  # heads share it
+
+
+@pytest.mark.parametrize("model", ["llama-gqa", "qwen2-gqa-peaked"])
+@pytest.mark.parametrize("compression_ratio", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize(("evictor", "press_cls"), [("keydiff", KeyDiffPress), ("knorm", KnormPress)])
+def test_keydiff_and_knorm_keep_what_their_presses_keep(model, compression_ratio, evictor, press_cls):
+    _zoo_compare(model, press_cls(compression_ratio=compression_ratio), evictor,
+                 compute_n_kept(PROMPT_LEN, compression_ratio))
+    peer, ours = _zoo_pair(model)
+    mem = tokenmem.TokenMemory(ours, evictor, budget=10)
+    assert mem.evictor.needs_stats is False and mem.evictor.stats_window == 0  # no statistics pass at all
+
+
+@pytest.mark.parametrize("model", ["llama-mha", "llama-mha-peaked"])
+@pytest.mark.parametrize(("compression_ratio", "use_covariance"), [(0.5, True), (0.75, True), (0.5, False)])
+def test_expected_attention_keeps_what_expected_attention_press_keeps(model, compression_ratio, use_covariance):
+    """Expected Attention from queries recovered out of the attention rows (the memory gives an evictor no
+    queries; see plugins/expected_attention.py). The window (128) covers the whole prompt, so the statistics use
+    kvpress's queries (those past n_sink); n_sink = 16 = head_dim, so every such query's row saw head_dim + 1
+    keys and can be inverted. Without GQA the recovered queries are the real ones up to float rounding: the
+    same sets as kvpress, the same continuation. (With n_sink = 4 the rows of queries 4..15 saw fewer than
+    head_dim + 1 keys and are left out of the statistics, which kvpress includes.)"""
+    press = ExpectedAttentionPress(compression_ratio=compression_ratio, n_sink=16, use_covariance=use_covariance)
+    _zoo_compare(model, press, "expected_attention", compute_n_kept(PROMPT_LEN, compression_ratio), window=128,
+                 n_sink=16, use_covariance=use_covariance)
+
+
+@pytest.mark.parametrize(("model", "overlap"), [("llama-gqa", 0.99), ("qwen2-gqa", 0.99),
+                                                ("llama-gqa-peaked", OVERLAP_PEAKED_LLAMA),
+                                                ("qwen2-gqa-peaked", OVERLAP_PEAKED_QWEN)])
+def test_expected_attention_with_gqa_differs_only_through_the_effective_query(model, overlap):
+    """Inherent difference: with GQA a KV head's attention rows are the mean of its query group's softmaxes,
+    which is not the softmax of any one query, so the recovered query is an *effective* one (the best log-linear
+    fit of the group's attention) where kvpress averages the group's per-head expected attentions. Some kept
+    tokens differ: one token of 300 on the default-initialised models (nearly uniform attention, where the log of
+    the group's mean attention is the group's mean logit to first order; measured 299 / 300), 15% and 23% on the peaked Llama and Qwen2.
+    Checked: the same counts, the sinks kept, the share of kept tokens in common above the measured floor, and
+    -- so that the queries are the only difference -- the multi-head twins keep exactly kvpress's sets (previous
+    test)."""
+    peer, ours = _zoo_pair(model)
+    ids = _distinct_prompt()
+    press = ExpectedAttentionPress(compression_ratio=0.5, n_sink=16)
+    peer_sets, _, _ = _kvpress_kept(peer, ids, press)
+    mem, _ = _tokenmem_prefill(ours, ids, "expected_attention", 50, interval=64, window=128, n_sink=16)
+    ours_sets = _tokenmem_kept(mem)
+    common = total = 0
+    for p_layer, o_layer in zip(peer_sets, ours_sets):
+        for p_row, o_row in zip(p_layer, o_layer):
+            for p, o in zip(p_row, o_row):
+                assert len(p) == len(o) == 50
+                assert set(range(16)) <= set(o)  # the sinks
+                common += len(set(p) & set(o))
+                total += len(p)
+    assert _differences(peer_sets, ours_sets), "expected a difference on a GQA model"
+    assert common / total >= overlap, f"only {common / total:.1%} of the kept tokens in common"
+
+
+@pytest.mark.parametrize("model", ["llama-gqa", "qwen2-gqa-peaked"])
+@pytest.mark.parametrize(("compression_ratio", "beta", "budget"), [(0.5, 2, None), (0.5, 4, 100), (0.6, 2, None)])
+def test_pyramid_keeps_what_pyramidkv_press_keeps(model, compression_ratio, beta, budget):
+    """PyramidKV around SnapKV: kvpress's layer budgets (here integral, and neither its clip nor its fallback
+    applies) equal tokenmem's, whose sum is LAYERS x the mean, and each layer keeps SnapKV's choice at its
+    budget. The memory's budget is the cap: None or the prompt length lets layer 0 keep more than the mean."""
+    window = 8
+    n_kept = compute_n_kept(PROMPT_LEN, compression_ratio)
+    press = PyramidKVPress(compression_ratio=compression_ratio, window_size=window, kernel_size=5, beta=beta)
+    peer, _ = _zoo_pair(model)
+    expected = [press.get_layer_budget(peer.model.layers[i].self_attn, PROMPT_LEN) for i in range(LAYERS)]
+    assert expected == pyramid_budgets(n_kept, LAYERS, beta) and sum(expected) == LAYERS * n_kept
+    assert expected[0] > n_kept > expected[-1]
+    peer_sets, _, mem = _zoo_compare(model, press, "pyramid", budget, window=window, kernel_size=5, beta=beta,
+                                     average=n_kept)
+    assert [len(layer[0][0]) for layer in peer_sets] == expected
+
+
+@pytest.mark.parametrize("model", ZOO_GQA)
+@pytest.mark.parametrize(("compression_ratio", "alpha"), [(0.5, 0.2), (0.75, 0.5)])
+def test_ada_keeps_what_adakv_press_keeps(model, compression_ratio, alpha):
+    """AdaKV around SnapKV: the layer's KV heads share KV_HEADS x n_kept tokens by score, each head first keeping
+    its best alpha x n_kept (kvpress: the SnapKV window scores above every key, tokenmem: it is protected).
+    kvpress masks the pruned keys (fake keys whose attention underflows); tokenmem masks the surplus slots of the
+    heads that keep fewer: the same attention, so the same logits within float tolerance."""
+    window = 8
+    n_kept = compute_n_kept(PROMPT_LEN, compression_ratio)
+    press = AdaKVPress(SnapKVPress(compression_ratio=compression_ratio, window_size=window, kernel_size=5),
+                       alpha_safeguard=alpha)
+    peer_sets, ours_sets, mem = _zoo_compare(model, press, "ada", None, window=window, kernel_size=5, alpha=alpha,
+                                             average=n_kept)
+    counts = [len(s) for layer in peer_sets for row in layer for s in row]
+    assert len(set(counts)) > 1, "heads should keep different counts"
+    for layer in peer_sets:
+        assert sum(len(s) for s in layer[0]) == KV_HEADS * n_kept
+    from tokenmem.occupancy import occupancy
+
+    held = occupancy(mem)["held"]  # after the decode: each head's kept tokens + the decoded ones, masked slots not counted
+    assert held == [[[len(s) + DECODE_STEPS for s in row] for row in layer] for layer in ours_sets]
+    assert mem.stats()["held"] == [max(row) + DECODE_STEPS for layer in ours_sets for row in [[len(s) for s in layer[0]]]]
