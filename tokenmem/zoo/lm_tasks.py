@@ -35,6 +35,7 @@ from .corpus import iter_files
 
 TASK_DIR = DATA_DIR / "lm_tasks"
 SPLITS = ("evolve", "eval")
+EXTRA_SPLITS = {"thirdparty": ("retrieval",)}  # held-out sets on other code (tokenmem.zoo.thirdparty)
 DISTANCES = (256, 512, 1024, 1536)
 MIN_FILE_CHARS = 8000
 
@@ -191,8 +192,10 @@ class LanguageTask(PromptTask):
     records: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
-        if self.split not in SPLITS:
-            raise TokenmemError(f"unknown split {self.split!r}; use one of {', '.join(SPLITS)}")
+        if self.split not in SPLITS and self.name not in EXTRA_SPLITS.get(self.split, ()):
+            extra = ", ".join(f"{k} ({', '.join(v)} only)" for k, v in EXTRA_SPLITS.items())
+            raise TokenmemError(f"unknown split {self.split!r} for task {self.name!r}; use one of {', '.join(SPLITS)}, "
+                                f"or {extra}")
         self.records = load_records(self.name, self.split)[: self.limit]
         self.prompts = [torch.tensor(r["input_ids"]) for r in self.records]
 
