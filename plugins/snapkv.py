@@ -10,7 +10,8 @@ take no part in the pooling (they are zero there, as in the reference implementa
 
 The attention rows come from the memory's row window: ``stats_window = window`` and the evictor never consumes
 a row, so the memory keeps a sliding window of the newest ``window`` queries' rows (every eviction, prefill or
-decode, reads the newest ones). The protected window is ``min(window, budget)`` tokens, so a budget smaller
+decode, reads the newest ones). The window and the pooling neighbours count valid tokens only (slots that a
+ragged eviction masked, e.g. under ``ada``, are skipped), so a batch row decides as it would alone. The protected window is ``min(window, budget)`` tokens, so a budget smaller
 than the window keeps the newest tokens (kvpress refuses a prompt shorter than the window).
 Defaults are kvpress's (window 64, kernel 5, average pooling); the paper's code uses a 32-query window and
 kernel 7 with max pooling (``TokenMemory(model, "snapkv", budget, window=32, kernel_size=7, pooling="max")``).
@@ -21,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from tokenmem.evictor import Evictor, LayerView, register_evictor
-from tokenmem.scoring import POOLS, average_heads, check_choice, check_count, pool_tokens, window_attention
+from tokenmem.scoring import (POOLS, average_heads, check_choice, check_count, newest_valid, pool_tokens,
+                              window_attention)
 
 
 @register_evictor("snapkv")
@@ -46,14 +48,15 @@ class SnapKVEvictor(Evictor):
     def score(self, view: LayerView) -> torch.Tensor:
         window = self.protected(view)
         scores = window_attention(view, self.window)
-        scores = torch.where(view.newest(window), 0.0, scores)  # the window's keys are not pooled
-        scores = pool_tokens(scores, self.kernel_size, self.pooling)
+        valid = view.meta.valid
+        scores = torch.where(newest_valid(view, window), 0.0, scores)  # the window's keys are not pooled
+        scores = pool_tokens(scores, self.kernel_size, self.pooling, valid)
         if self.average_heads:
-            scores = average_heads(scores, view.meta.valid)
+            scores = average_heads(scores, valid)
         return scores
 
     def protect(self, view: LayerView) -> torch.Tensor:
-        return view.newest(self.protected(view))
+        return newest_valid(view, self.protected(view))
 
     def __repr__(self) -> str:
         return (f"SnapKVEvictor(window={self.window}, kernel_size={self.kernel_size}, pooling={self.pooling!r}, "

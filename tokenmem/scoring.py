@@ -50,21 +50,42 @@ def window_attention(view: LayerView, window: int | None = None) -> torch.Tensor
     return rows.sum(2) / live
 
 
-def pool_tokens(scores: torch.Tensor, kernel_size: int, mode: str = "avg") -> torch.Tensor:
-    """1-D pooling of ``scores [b, h, n]`` over neighbouring slots (stride 1, zero padding of ``kernel_size // 2``
-    on both sides; ``"avg"`` divides by ``kernel_size`` even at the edges, as SnapKV and kvpress do)."""
+def pool_tokens(scores: torch.Tensor, kernel_size: int, mode: str = "avg", valid: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """1-D pooling of ``scores [b, h, n]`` over neighbouring tokens (stride 1, zero padding of ``kernel_size // 2``
+    on both sides; ``"avg"`` divides by ``kernel_size`` even at the edges, as SnapKV and kvpress do). With
+    ``valid [b, h, n]`` the neighbours are the neighbouring *valid* tokens in stream order: padding and slots
+    masked by a ragged eviction are skipped (their scores come out 0), so a row pools the same way whatever
+    masked slots its batch left between its tokens."""
     if mode not in POOLS:
         raise TokenmemError(f"pooling must be one of {POOLS}, got {mode!r}")
     if kernel_size <= 1:
-        return scores
+        return scores if valid is None else torch.where(valid, scores, 0.0)
     b, h, n = scores.shape
+    order = None
+    if valid is not None:  # valid tokens first, in slot order
+        order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices
+        packed_valid = valid.gather(-1, order)
+        scores = torch.where(packed_valid, scores.gather(-1, order), 0.0)
     x = scores.reshape(b * h, 1, n).float()
     pad = kernel_size // 2
     if mode == "avg":
         y = F.avg_pool1d(x, kernel_size, stride=1, padding=pad, count_include_pad=True)
     else:  # explicit zero padding: scores are >= 0, and an empty window edge should not win
         y = F.max_pool1d(F.pad(x, (pad, pad)), kernel_size, stride=1)
-    return y[..., :n].reshape(b, h, n)
+    y = y[..., :n].reshape(b, h, n)
+    if order is None:
+        return y
+    y = torch.where(packed_valid, y, 0.0)
+    return torch.zeros_like(y).scatter(-1, order, y)
+
+
+def newest_valid(view: LayerView, count: int) -> torch.Tensor:
+    """Bool ``[b, h, n]``: the ``count`` newest valid tokens of each row and head (unlike ``view.newest``, slots
+    masked by a ragged eviction do not use up the window)."""
+    valid = view.meta.valid
+    rank = torch.flip(torch.cumsum(torch.flip(valid.to(torch.int32), [-1]), -1), [-1])  # 1 = the newest valid
+    return valid & (rank <= count)
 
 
 def average_heads(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
