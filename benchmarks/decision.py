@@ -30,6 +30,8 @@ from collections import Counter
 import numpy as np
 import torch
 
+from tokenmem.evictor_list import add_evictors_argument
+
 
 def quality(adapter, args, evictor, budget=None, label=None, record_kept=None) -> dict:
     from tokenmem.adapters.decision import CachedPolicy, ReferencePolicy, rollout
@@ -156,6 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--speed-steps", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the results as JSON")
+    add_evictors_argument(p, exclude=("separator",))  # separators are text tokens: none in a trajectory
     p.add_argument("--plot", default=None, help="write the NAMM plot (PNG)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -177,11 +180,14 @@ def main(argv=None) -> int:
 
     print(f"quality: {args.env}, {args.episodes} episodes from seed {args.seed}, budget {args.budget} tokens "
           f"(= {args.budget // 3} timesteps), reference K={adapter.context}", flush=True)
-    rows = [quality(adapter, args, "reference", label=f"reference (K={adapter.context})"),
-            quality(adapter, args, "full", label="cached full history")]
-    for name in ("recent", "sink", "h2o"):
-        rows.append(quality(adapter, args, name, args.budget, label=f"cached {name}"))
-    rows.append(quality(adapter, args, namm, args.budget, label=f"cached {namm_label}", record_kept=kept))
+    rows = [quality(adapter, args, "reference", label=f"reference (K={adapter.context})")]
+    for name in args.evictors:
+        if name == "full":
+            rows.append(quality(adapter, args, "full", label="cached full history"))
+        elif name == "namm":
+            rows.append(quality(adapter, args, namm, args.budget, label=f"cached {namm_label}", record_kept=kept))
+        else:
+            rows.append(quality(adapter, args, name, args.budget, label=f"cached {name}"))
 
     print("speed (policy only, batch 1, steady state):", flush=True)
     speeds = [speed(adapter, plain, adapter.context, args.speed_steps, args.seed),

@@ -63,6 +63,7 @@ import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import tokenmem
+from tokenmem.evictor_list import add_evictors_argument
 
 BASELINE = "DynamicCache (sdpa)"
 
@@ -159,21 +160,16 @@ class Setup:
         self.next_token = None
 
 
-def make_setups(sdpa_model, tm_model, budget: int, interval: int) -> list[Setup]:
+def make_setups(sdpa_model, tm_model, budget: int, interval: int, evictors=("sink", "h2o")) -> list[Setup]:
     setups = [
         Setup(BASELINE, sdpa_model, lambda: DynamicCache()),
         Setup("TokenMemory full", tm_model, lambda: tokenmem.TokenMemory(tm_model, evictor="full")),
-        Setup(
-            f"TokenMemory sink b={budget}",
-            tm_model,
-            lambda: tokenmem.TokenMemory(tm_model, evictor="sink", budget=budget, interval=interval),
-        ),
-        Setup(
-            f"TokenMemory h2o b={budget}",
-            tm_model,
-            lambda: tokenmem.TokenMemory(tm_model, evictor="h2o", budget=budget, interval=interval),
-        ),
     ]
+    for name in evictors:  # one budgeted setup per evictor ("full" is always the second setup)
+        if name != "full":
+            setups.append(Setup(budgeted_name(name, budget), tm_model,
+                                lambda name=name: tokenmem.TokenMemory(tm_model, evictor=name, budget=budget,
+                                                                       interval=interval)))
     # Creating a TokenMemory prepares (switches) its model; make sure the baseline model is untouched.
     for s in setups[1:]:
         s.make_cache()
@@ -376,10 +372,14 @@ def table(results: list[dict]) -> list[str]:
     return lines
 
 
+def budgeted_name(evictor: str, budget: int) -> str:
+    return f"TokenMemory {evictor} b={budget}"
+
+
 def targets(results: list[dict], contexts: list[int], args, agreement: dict, machine: dict) -> list[str]:
     by = {(r["context"], r["cache"]): r for r in results}
     full = "TokenMemory full"
-    budgeted = [f"TokenMemory sink b={args.budget}", f"TokenMemory h2o b={args.budget}"]
+    budgeted = [budgeted_name(name, args.budget) for name in args.evictors if name != "full"]
     out = ["", "## Targets", ""]
 
     # 1. no-eviction overhead <= 10%
@@ -478,6 +478,8 @@ def main(argv=None) -> None:
     p.add_argument("--patience", type=float, default=600.0, help="seconds per context to wait for uncontended steps "
                    "before recording contended ones too (default 600)")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
+    add_evictors_argument(p, help="evictors of the budgeted setups (registered names; default: every registered "
+                          "one; DynamicCache and TokenMemory full always run)")
     args = p.parse_args(argv)
 
     contexts = args.contexts or ([512, 1024] if args.quick else [1024, 4096, 16384])
@@ -489,7 +491,7 @@ def main(argv=None) -> None:
     revision, backend = source_revision(), kernel_backend()  # the measured code is what is imported now
     max_positions = max(32768, 2 * max(contexts))  # discarded rounds decode extra tokens
     sdpa_model, tm_model = build_models(max_positions)
-    setups = make_setups(sdpa_model, tm_model, args.budget, args.interval)
+    setups = make_setups(sdpa_model, tm_model, args.budget, args.interval, args.evictors)
 
     results, agreement, machine = [], {}, {}
     with torch.inference_mode():

@@ -46,7 +46,8 @@ from pathlib import Path
 
 import torch
 
-EVICTORS = ("full", "recent", "sink", "separator", "h2o", "namm")
+from tokenmem.evictor_list import add_evictors_argument, registered
+
 PRESSES = ("StreamingLLMPress", "SnapKVPress", "TOVAPress", "ExpectedAttentionPress", "KnormPress")
 BUDGETS = (0.25, 0.5)
 QUICK_LIMITS = {"code-completion": 6, "retrieval": 8, "perplexity": 2}
@@ -204,9 +205,10 @@ TASKS = (("code-completion", 1), ("retrieval", 1), ("perplexity", -1))  # (colum
 
 
 def order(rows: list[dict]) -> list[dict]:
-    """Rows by budget (full first), then tokenmem evictors in :data:`EVICTORS` order, then kvpress presses."""
+    """Rows by budget (full first), then tokenmem evictors in registry order (full first), then kvpress presses."""
     def key(r):
-        rank = EVICTORS.index(r["method"]) if r["method"] in EVICTORS else len(EVICTORS)
+        evictors = registered()
+        rank = evictors.index(r["method"]) if r["method"] in evictors else len(evictors)
         return (r.get("budget") is not None, r.get("budget") or 0.0, rank, r["method"])
 
     return sorted(rows, key=key)
@@ -255,7 +257,7 @@ def report(rows: list[dict], meta: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="model directory (default: the shipped stdlib Llama)")
-    p.add_argument("--evictors", nargs="+", default=list(EVICTORS))
+    add_evictors_argument(p)
     p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     p.add_argument("--scorer", default=None, help="NAMM scorer file (default: the shipped language scorer)")
     p.add_argument("--quick", action="store_true", help="a few prompts per task (smoke test)")

@@ -30,8 +30,6 @@ import sys
 import tempfile
 import time
 
-EVICTORS = ("full", "sink", "h2o", "namm")
-
 
 def child(args) -> dict:
     import torch
@@ -104,6 +102,8 @@ def dry_run_7b(chunk: int, text_tokens: int = 64, gib: int = 24) -> list[str]:
 
 
 def main() -> None:
+    from tokenmem.evictor_list import add_evictors_argument
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--budget", type=float, default=0.25)
@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--question", default="What moves, and in which direction?")
     parser.add_argument("--out", default=None)
+    add_evictors_argument(parser)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--video", default=None, help=argparse.SUPPRESS)
@@ -132,7 +133,7 @@ def main() -> None:
     video = write_video(os.path.join(work, "shapes.mp4"), moving_shapes(max(args.frames) * 2, 96, 128), fps=16)
     rows = []
     for frames in args.frames:
-        for evictor in EVICTORS:
+        for evictor in (args.evictors if "full" in args.evictors else ["full", *args.evictors]):  # full: the reference
             cmd = [sys.executable, __file__, "--child", evictor, "--model", model, "--video", video, "--n-frames",
                    str(frames), "--budget", str(args.budget), "--chunk", str(args.chunk), "--interval",
                    str(args.interval), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),

@@ -1,6 +1,6 @@
 """``infinipot_v``: InfiniPot-V -- drop temporally redundant video tokens first, then keep high value norms.
 
-Kim, Shin, Lee, Kwak, Lee, Kim, "InfiniPot-V: Memory-Constrained KV Cache Compression for Streaming Video
+Kim, Shim, Choi, Chang, "InfiniPot-V: Memory-Constrained KV Cache Compression for Streaming Video
 Understanding" (2025, arXiv:2506.15745): a query-agnostic, training-free rule for streaming video. Two
 signals: *temporal-axis redundancy* (TaR) -- a patch that looks like the same patch of the previous frame adds
 nothing, measured by the cosine similarity of the keys at the same spatial position -- and *value norm* (VaN)

@@ -376,3 +376,24 @@ def test_infinipot_v_compares_keys_unrotated():
     assert float(sim[2 * per :].max()) < 0.99
     view.extras["inv_freq"] = None  # no un-rotation: the rotated copies no longer look alike
     assert float(temporal_redundancy(view)[0, 0][per : 2 * per].min()) < 0.99
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmarks take their evictor list from the registry
+# ---------------------------------------------------------------------------------------------
+def test_benchmarks_take_the_registry_with_an_evictors_flag():
+    import argparse
+
+    from tokenmem.evictor_list import add_evictors_argument, registered
+
+    names = registered()
+    assert names[0] == "full" and set(ZOO) <= set(names) and len(names) == len(tokenmem.list_evictors())
+    p = argparse.ArgumentParser()
+    add_evictors_argument(p, exclude=("separator",))
+    assert p.parse_args([]).evictors == [n for n in names if n != "separator"]
+    assert p.parse_args(["--evictors", "snapkv", "ada"]).evictors == ["snapkv", "ada"]
+    with pytest.raises(SystemExit):
+        p.parse_args(["--evictors", "lru"])
+    from tokenmem.zoo import transfer
+
+    assert transfer.EVICTORS == tuple(names)

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 from ..errors import TokenmemError
+from ..evictor_list import add_evictors_argument, check_evictors, registered
 
 MODALITIES = ("language", "video", "rl")
-EVICTORS = ("full", "recent", "sink", "separator", "h2o", "namm")
 BUDGETS = (0.25, 0.5)
 SEPARATOR_MODALITIES = ("language",)
 VIDEO_CHUNK = 32  # prompt tokens per prefill call in video QA (about 3.5 frames of 9 tokens)
@@ -229,7 +229,13 @@ def run_rl(evictors, budgets, size: dict, scorer, progress, model_path=None, see
 RUNNERS = {"language": run_language, "video": run_video, "rl": run_rl}
 
 
-def run(modalities=MODALITIES, evictors=EVICTORS, budgets=BUDGETS, size: str = "full", scorer="language",
+def __getattr__(name: str):
+    if name == "EVICTORS":  # every registered evictor, full first (the registry, not a list kept here)
+        return tuple(registered())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def run(modalities=MODALITIES, evictors=None, budgets=BUDGETS, size: str = "full", scorer="language",
         threads: int | None = None, log=print) -> dict:
     """Run the benchmark and return the report dict (rows + settings); see :mod:`tokenmem.zoo.transfer_report`."""
     from tokenmem.plugins.namm import NAMM
@@ -237,9 +243,7 @@ def run(modalities=MODALITIES, evictors=EVICTORS, budgets=BUDGETS, size: str = "
     bad = [m for m in modalities if m not in RUNNERS]
     if bad:
         raise TokenmemError(f"unknown modality {bad[0]!r}; choose from {', '.join(MODALITIES)}")
-    bad = [e for e in evictors if e not in EVICTORS]
-    if bad:
-        raise TokenmemError(f"unknown evictor {bad[0]!r} for the transfer benchmark; choose from {', '.join(EVICTORS)}")
+    evictors = registered() if evictors is None else check_evictors(evictors)
     if size not in SIZES:
         raise TokenmemError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
     if any(not 0 < b < 1 for b in budgets):
@@ -291,7 +295,7 @@ def add_arguments(p) -> None:
                       help=f"a handful of items ({SIZES['smoke']}; the CI smoke test)")
     p.set_defaults(size="full")
     p.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES)
-    p.add_argument("--evictors", nargs="+", default=list(EVICTORS), choices=EVICTORS)
+    add_evictors_argument(p)
     p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="fractions of the tokens seen")
     p.add_argument("--scorer", default="language",
                    help="NAMM scorer: a shipped name (default: language, unchanged on every modality), 'initial' or a path")
