@@ -93,6 +93,18 @@ def test_left_padded_batch_of_two_generates_like_its_rows(name, family):
 
 
 @pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize(("family", "positions"), [("gpt2", "original"), ("mistral", "shift")])
+def test_without_rope_and_in_shift_mode(name, family, positions):
+    """GPT-2 has no rotary embedding (expected_attention and infinipot_v then skip their RoPE steps); ``shift``
+    re-rotates the kept keys to their slots."""
+    model = tiny_model(family)
+    memory = tokenmem.TokenMemory(model, name, budget=16, interval=4, positions=positions, **ZOO[name])
+    model.generate(torch.randint(3, 300, (1, 40)), past_key_values=memory, max_new_tokens=8, do_sample=False)
+    assert memory.layers[0].evictions >= 2
+    _check_within(memory, name, 16, extra=4)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
 def test_segment_unit_keeps_or_drops_whole_frames(name):
     """``evict_unit="segment"``: frame tokens (segments of 5) stay or go together."""
     model = tiny_model("llama")
