@@ -24,7 +24,8 @@ Also compared (same semantics, so the same kept sets / the same continuation are
 
 Not compared: ``ObservedAttentionPress`` vs ``h2o`` (kvpress divides each key's summed attention by the
 number of queries that can see it and keeps no recent window; tokenmem's H2O ranks by the raw sum and
-protects a recent window), nor presses without a tokenmem counterpart (SnapKV, TOVA, Knorm, random...).
+protects a recent window), nor ``RandomPress`` (different generators). The evictor zoo (SnapKV, TOVA,
+KeyDiff, Knorm, Expected Attention, PyramidKV, AdaKV) is compared at the end of this file.
 
 The kvpress model and the tokenmem model are two instances with identical weights and *separate*
 config objects: creating a TokenMemory switches its model's ``config._attn_implementation`` to
