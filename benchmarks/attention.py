@@ -219,6 +219,10 @@ def child_main(spec: dict) -> dict:
                 res["attn_returned_gib"] = sum(a.numel() * a.element_size() for a in att) / GIB
                 res["attn_layers"] = len(att)
             if config_name == "tokenmem":
+                from tokenmem.kernels import native
+
+                if hasattr(native, "pool_stats"):  # the compiled kernel's thread pool (older tokenmem: none)
+                    res["pool"] = native.pool_stats()
                 mass = cache.layers[0].mass
                 res["mass_shape"] = list(mass.shape)
                 res["mass_sum_per_head"] = (mass.double().sum(-1) / ctx).flatten().tolist()  # should be 1.0
@@ -426,7 +430,9 @@ def build_report(args, results: dict, available: int, started: str, triton_lines
                 m = r["mass_sum_per_head"]
                 notes.append(f"layer-0 mass/q {min(m):.4f}..{max(m):.4f}")
             if r.get("mass_path"):
-                notes.append(f"mass pass: {r['mass_path']}")
+                pool = r.get("pool")
+                notes.append(f"mass pass: {r['mass_path']}" + (
+                    f" (thread pool of {pool['size']}, {pool['started']} worker started)" if pool else ""))
             if r.get("attn_returned_gib") is not None:
                 w, _ = eager_prediction(ctx)
                 notes.append(f"returned {r['attn_layers']} attention tensors {r['attn_returned_gib']:.2f} GiB "

@@ -1,6 +1,15 @@
 """The compiled fused CPU kernel (tokenmem.kernels.native, colmass.cpp) equals the reference; it is built at first
 use, and a missing or broken compiler gives a warning and the PyTorch path, or an error with TOKENMEM_NATIVE=require."""
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
 import pytest
 import torch
 
@@ -144,3 +153,168 @@ def test_colmass_rejects_mismatched_shapes():
         native.colmass(torch.randn(1, 3, 5, 8), k, torch.zeros(1, 3, 5), 1.0, True)
     with pytest.raises(tokenmem.TokenmemError, match="out must be"):
         native.colmass(q, k, torch.zeros(1, 4, 5), 1.0, True, out=torch.zeros(1, 2, 8))
+
+
+# -- the thread pool and the cache ------------------------------------------------------------------------------
+def private_kernel(tmp_path):
+    """A copy of the built library loaded under its own path: its own pool, untouched by other tests' calls."""
+    copy = tmp_path / "private" / "colmass-private.so"
+    copy.parent.mkdir()
+    shutil.copy(native.build(), copy)
+    return native._bind(copy)
+
+
+def pool_problems(count):
+    """`count` different causal problems (query, key, value, lse), each of several tasks (key panels x KV heads)."""
+    problems = []
+    for i in range(count):
+        q, n = 150 + 37 * i, 300 + 53 * i
+        query, key, value, _, _ = make_inputs(1, 4, 2, q, n, 24, torch.float32, False, seed=40 + i)
+        problems.append((query, key, value, lse_of(query, key, 24**-0.5)))
+    return problems
+
+
+def test_concurrent_calls_from_python_threads_equal_sequential_calls_and_the_reference():
+    problems = pool_problems(4)
+    sequential = [native.colmass(q, k, lse, 24**-0.5, True, threads=1) for q, k, _, lse in problems]
+    for (q, k, v, _), mass in zip(problems, sequential):
+        assert rel_err(mass, reference_mass(q, k, v, 24**-0.5)) < 1e-5
+    start = threading.Barrier(8)
+    results, errors = {}, []
+
+    def caller(index):  # 8 threads, two per problem, each asking for 4 threads: most calls find the pool busy
+        try:
+            start.wait()
+            q, k, _, lse = problems[index % 4]
+            results[index] = [native.colmass(q, k, lse, 24**-0.5, True, threads=4) for _ in range(5)]
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a concurrent call did not return (deadlock?)"
+    assert not errors, errors
+    for index, masses in results.items():
+        assert all(torch.equal(m, sequential[index % 4]) for m in masses)  # bit-identical: one task per key panel
+    assert len(results) == 8
+
+
+def test_the_pool_starts_its_threads_once_and_never_more_than_its_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENMEM_NATIVE_THREADS", "3")  # read when the private copy makes its pool
+    fn = private_kernel(tmp_path)
+    assert native.pool_stats(fn) == {"size": None, "started": 0}  # lazy: nothing before the first call
+    (q, k, v, lse), = pool_problems(1)
+    want = native.colmass(q, k, lse, 24**-0.5, True, fn=fn, threads=1)
+    assert native.pool_stats(fn) == {"size": None, "started": 0}  # a one-thread call needs no pool
+    assert torch.equal(native.colmass(q, k, lse, 24**-0.5, True, fn=fn, threads=2), want)
+    assert native.pool_stats(fn) == {"size": 3, "started": 1}  # one helper for a two-thread call
+    for threads in (8, 3, 2, 16):  # asking for more than the pool's size is capped by it
+        assert torch.equal(native.colmass(q, k, lse, 24**-0.5, True, fn=fn, threads=threads), want)
+    assert native.pool_stats(fn) == {"size": 3, "started": 2}
+
+    def caller():
+        for _ in range(10):
+            assert torch.equal(native.colmass(q, k, lse, 24**-0.5, True, fn=fn, threads=8), want)
+
+    callers = [threading.Thread(target=caller) for _ in range(6)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in callers)
+    assert native.pool_stats(fn) == {"size": 3, "started": 2}  # 60 more calls, 6 at once: no new thread
+
+
+def test_native_threads_must_be_a_positive_integer(monkeypatch):
+    (q, k, _, lse), = pool_problems(1)
+    monkeypatch.setenv("TOKENMEM_NATIVE_THREADS", "many")
+    with pytest.raises(tokenmem.TokenmemError, match="TOKENMEM_NATIVE_THREADS='many'"):
+        native.colmass(q, k, lse, 24**-0.5, True)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_makes_its_own_pool(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENMEM_NATIVE_THREADS", "2")  # a pool of one worker, also on a one-CPU machine
+    fn = private_kernel(tmp_path)
+    (q, k, _, lse), = pool_problems(1)
+    want = native.colmass(q, k, lse, 24**-0.5, True, fn=fn, threads=2)
+    assert native.pool_stats(fn)["started"] == 1
+    q, k, lse = q.contiguous(), k.contiguous(), lse.float().contiguous()
+    out = torch.empty_like(want)
+    pid = os.fork()
+    if pid == 0:  # the child: no torch op here (OpenMP is not fork-safe), only the kernel and numpy
+        code = 1
+        try:
+            b, hq, nq, d = q.shape
+            hkv, n = k.shape[1], k.shape[2]
+            status = fn(q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], lse.data_ptr(), *lse.stride(),
+                        out.data_ptr(), b, hkv, hq // hkv, nq, n, d, 24**-0.5, 1, 2)
+            lib = native._libs[id(fn)]
+            # the parent's helper does not exist here: a new pool started its own (the old one would hang)
+            if status == 0 and lib.tokenmem_pool_started() == 1 and out.numpy().tobytes() == want.numpy().tobytes():
+                code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung in the kernel (did it wait for the parent's threads?)")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert torch.equal(native.colmass(q, k, lse, 24**-0.5, True, fn=fn, threads=2), want)  # the parent's pool works
+
+
+def test_the_interpreter_exits_cleanly_while_the_pool_is_busy():
+    # daemon threads still inside the kernel (and its workers busy) when the interpreter exits; they call the ctypes
+    # function directly because a daemon thread inside a torch op at exit aborts the process by itself (torch 2.13)
+    script = textwrap.dedent("""
+        import threading, torch
+        from tokenmem.kernels import native
+        q, k = torch.randn(1, 8, 2000, 64), torch.randn(1, 2, 2000, 64)
+        lse = torch.logsumexp(q @ k.repeat_interleave(4, 1).transpose(-1, -2) / 8, -1)
+        fn, outs = native.load(), [torch.empty(1, 2, 2000) for _ in range(3)]
+        args = (q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], lse.data_ptr(), *lse.stride())
+        def spin(out):
+            while True:
+                fn(*args, out.data_ptr(), 1, 2, 4, 2000, 2000, 64, 0.125, 0, 2)
+        for out in outs:
+            threading.Thread(target=spin, args=(out,), daemon=True).start()
+        native.colmass(q, k, lse, 0.125, False, threads=2)
+        assert native.pool_stats()["started"] >= 1
+        print("exiting", flush=True)
+    """)
+    env = {**os.environ, "TOKENMEM_NATIVE_THREADS": "2"}  # workers exist even on a one-CPU machine
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0 and proc.stdout.strip() == "exiting", proc.stderr[-2000:]
+
+
+def test_stale_builds_are_removed_and_the_current_one_kept(fresh_native):
+    folder = fresh_native / "kernels"
+    folder.mkdir()
+    kind = native._cpu_kind()
+    stale = [folder / f"colmass-{kind}-0000000000000000.so", folder / "colmass-0123456789abcdef.so"]  # this CPU
+    kept = [folder / "colmass-ffffffff-0000000000000000.so", folder / "notes.txt"]  # another CPU kind; not a build
+    fresh = folder / f"colmass-{kind}-2222222222222222.so"  # just written (by a process of another version?)
+    hour_ago = time.time() - 3600
+    for path in stale + kept + [fresh]:
+        path.write_bytes(b"old")
+        if path != fresh:
+            os.utime(path, (hour_ago, hour_ago))
+    (folder / f"colmass-{kind}-1111111111111111.so").mkdir()  # cannot be unlinked: skipped, no error
+    os.utime(folder / f"colmass-{kind}-1111111111111111.so", (hour_ago, hour_ago))
+    current = native.build()  # builds, then cleans
+    assert current.is_file() and current.name.startswith(f"colmass-{kind}-")
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept) and fresh.exists()
+    os.utime(fresh, (hour_ago, hour_ago))  # ten minutes later
+    assert native.build() == current  # found in the cache, cleans too
+    assert not fresh.exists() and current.is_file()
+    assert native.load() is not None

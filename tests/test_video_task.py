@@ -199,6 +199,14 @@ def test_answers_tokenize_to_a_few_tokens_that_decode_back(tiny_parts):
     assert enc.prefix > spec.frames * spec.tokens_per_frame  # the packed rows share the whole video
 
 
+def _mismatch(got: torch.Tensor, want: torch.Tensor) -> str:
+    bad = ~torch.isclose(got, want, atol=1e-4, rtol=1e-4)
+    rows = torch.nonzero(bad.any(-1))[:, 0].tolist()
+    return (f"{int(bad.sum())} of {bad.numel()} logits differ (answer-token rows {rows[:12]}), max |diff| "
+            f"{(got - want).abs().nan_to_num(float('inf')).max().item():.3e}, finite: {bool(got.isfinite().all())} / "
+            f"{bool(want.isfinite().all())}, torch threads {torch.get_num_threads()}")
+
+
 def test_packed_rows_give_the_logits_of_single_questions(tiny_parts):
     tv, spec, tok, enc = tiny_parts
     model = tv.build_model(spec, tok, seed=3).eval()
@@ -210,7 +218,9 @@ def test_packed_rows_give_the_logits_of_single_questions(tiny_parts):
         packed, target, _ = tv.answer_logits(model, inputs, labels)
         single, target_single, _ = tv.answer_logits(model, *enc([(c, k) for c in clips for k in task.QUESTIONS]))
         assert torch.equal(target, target_single)
-        assert torch.allclose(packed, single, atol=1e-4, rtol=1e-4)
+        # float noise between the two layouts is ~1e-6 here (worst of 240 model seeds x clip sets x 1/2 threads:
+        # 1.0e-6, 1% of the tolerance); a failure is not rounding, so say what it looked like
+        assert torch.allclose(packed, single, atol=1e-4, rtol=1e-4), _mismatch(packed, single)
         # without the block mask, the second and third questions read the earlier ones: different logits
         del inputs["attention_mask"]
         leaky, _, _ = tv.answer_logits(model, inputs, labels)

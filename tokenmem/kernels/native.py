@@ -2,8 +2,23 @@
 
 ``colmass.cpp`` is compiled once per machine with the system C++ compiler (``$CXX``, else ``c++`` / ``g++`` /
 ``clang++``; ``-O3 -march=native``, about 2 s) into ``$TOKENMEM_CACHE/kernels`` (default
-``~/.cache/tokenmem/kernels``), named by a hash of the source, the flags and the compiler's version, and loaded
-with :mod:`ctypes` (calls release the GIL; the kernel runs its own threads). Nothing of PyTorch is linked.
+``~/.cache/tokenmem/kernels``) as ``colmass-<cpu kind>-<hash>.so`` (the CPU kind hashes the machine and CPU flags
+``-march=native`` builds for; the hash covers the source, the flags, the compiler's version and the CPU kind), and
+loaded with :mod:`ctypes` (calls release the GIL). Nothing of PyTorch is linked. Building or finding the current file
+removes the builds it replaces: the other ``colmass-<cpu kind>-*.so`` of this CPU kind and the files of the earlier
+naming (``colmass-<hash>.so``), once they are ten minutes old; builds for other CPU kinds (a cache shared by
+different machines) are kept. A process that already loaded a removed file keeps its mapping; a file another process
+removed first is skipped.
+
+Threads: the kernel keeps one pool of worker threads per process, started lazily (as many as calls have asked
+for) and reused by every later call; threads are never created per call. A call uses ``torch.get_num_threads()``
+threads (read at the call), its own included, capped by the pool's size: ``TOKENMEM_NATIVE_THREADS`` when set (a
+positive integer, read when the pool is made, i.e. at the first call that wants helper threads), else the number
+of CPUs. Concurrent calls (several Python threads) share the pool: a call borrows only idle workers and otherwise
+runs its tasks on its own thread, so the pool never holds more than ``size - 1`` threads however many calls run at
+once. Results do not depend on how many threads ran (each key's sum is made by one task, in a fixed order). A
+pool made before ``os.fork()`` is abandoned in the child (its threads do not exist there) and a new one is made;
+at exit the parked workers end with the process. :func:`pool_stats` reports the pool's size and threads started.
 
 When no compiler is found or the build fails, :func:`load` returns ``None`` after one warning that says why and
 what to install; the CPU backend then computes the mass with PyTorch's flash kernel on the transposed problem
@@ -17,10 +32,12 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -30,6 +47,7 @@ from ..errors import TokenmemError
 
 SOURCE = Path(__file__).with_name("colmass.cpp")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-pthread"]
+STALE_AFTER = 600.0  # seconds: a replaced build written more recently than this is left for a later clean-up
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -74,10 +92,11 @@ def build(force: bool = False) -> Path:
     except (OSError, subprocess.SubprocessError) as exc:
         raise TokenmemError(f"the C++ compiler {cxx} does not run ({exc}); set CXX to a working one") from exc
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode() + platform.machine().encode()
-                            + _cpu_flags().encode()).hexdigest()[:16]  # -march=native: one build per CPU kind
-    target = cache_dir() / f"colmass-{digest}.so"
+    kind = _cpu_kind()
+    digest = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode() + kind.encode()).hexdigest()[:16]
+    target = cache_dir() / f"colmass-{kind}-{digest}.so"
     if target.exists() and not force:
+        _remove_stale(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -92,7 +111,32 @@ def build(force: bool = False) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _remove_stale(target)
     return target
+
+
+def _cpu_kind() -> str:
+    """The machine and CPU flags a ``-march=native`` build is made for (8 hex digits; part of the file name)."""
+    return hashlib.sha256(platform.machine().encode() + _cpu_flags().encode()).hexdigest()[:8]
+
+
+def _remove_stale(current: Path) -> None:
+    """Delete the builds ``current`` replaces: the other ``colmass-<kind>-*.so`` of this CPU kind (earlier sources,
+    flags or compilers) and files named as before CPU kinds were in the name (``colmass-<16 hex>.so``). Builds for
+    other CPU kinds are kept (a cache shared by different machines would otherwise rebuild on every switch), and so
+    is ``current``. So is a file written in the last :data:`STALE_AFTER` seconds: a process of another tokenmem
+    version may have just built it and be about to load it. Races with other processes are ignored: a file already
+    gone or not removable is skipped."""
+    kind = current.name.split("-")[1]
+    for path in current.parent.glob("colmass-*.so"):
+        if path.name == current.name:
+            continue
+        if path.name.startswith(f"colmass-{kind}-") or re.fullmatch(r"colmass-[0-9a-f]{16}\.so", path.name):
+            try:
+                if time.time() - path.stat().st_mtime >= STALE_AFTER:
+                    path.unlink()
+            except OSError:  # removed by a concurrent process first, or not ours to remove
+                pass
 
 
 def _bind(path: Path):
@@ -103,7 +147,35 @@ def _bind(path: Path):
                    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                    ctypes.c_float, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
+    for name in ("tokenmem_pool_capacity", "tokenmem_pool_started"):
+        getattr(lib, name).argtypes = []
+        getattr(lib, name).restype = ctypes.c_int
+    _libs[id(fn)] = lib  # the library keeps fn alive (ctypes caches it), so the id stays its own
     return fn
+
+
+_libs: dict[int, ctypes.CDLL] = {}  # id of a bound colmass function -> its library (for the pool queries)
+
+
+def pool_stats(fn=None) -> dict | None:
+    """The compiled kernel's thread pool in this process: ``size`` (most threads one call uses, its own included;
+    None before the first call that wanted helper threads) and ``started`` (worker threads created so far: it only
+    grows up to ``size - 1``, whatever the number of calls). None when the compiled kernel is not available."""
+    fn = fn or load()
+    if fn is None:
+        return None
+    lib = _libs[id(fn)]
+    capacity = lib.tokenmem_pool_capacity()
+    return {"size": None if capacity < 0 else capacity + 1, "started": lib.tokenmem_pool_started()}
+
+
+def _threads() -> int:
+    """Threads a call asks for: torch's intra-op count (the kernel caps it by its pool, TOKENMEM_NATIVE_THREADS)."""
+    env = os.environ.get("TOKENMEM_NATIVE_THREADS", "").strip()
+    if env and (not env.isdigit() or int(env) < 1):
+        raise TokenmemError(f"TOKENMEM_NATIVE_THREADS={env!r}: use a positive integer (the most threads the fused "
+                            "CPU kernel runs at once in this process), or unset it for the number of CPUs")
+    return max(1, torch.get_num_threads())
 
 
 def load():
@@ -114,7 +186,10 @@ def load():
     with _lock:
         if mode not in _state:
             try:
-                _state[mode] = _bind(build())
+                try:
+                    _state[mode] = _bind(build())
+                except OSError:  # the file went away between build() and loading it (removed as stale by a
+                    _state[mode] = _bind(build())  # process of another tokenmem version): build it once more
             except (TokenmemError, OSError) as exc:
                 if mode == "require":
                     raise TokenmemError(f"TOKENMEM_NATIVE=require but the fused CPU kernel is unavailable: {exc}") \
@@ -126,13 +201,14 @@ def load():
 
 
 def colmass(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scaling: float, causal: bool,
-            fn=None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+            fn=None, out: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor | None:
     """Per-key mass ``[b, hkv, n]`` (float32) = mean over a KV head's query heads of ``sum_i exp(s_ij - lse_i)``.
 
     ``query [b, hq, q, d]``, ``key [b, hkv, n, d]``, ``lse [b, hq, q]`` (+inf for a query that gives no mass).
     Causality is by cache slot as in the reference (query ``i`` sees keys ``j <= n - q + i``). ``out``: a
-    contiguous float32 ``[b, hkv, n]`` to write into (every element is written). Returns None when the compiled
-    kernel is not available (the caller takes the PyTorch path).
+    contiguous float32 ``[b, hkv, n]`` to write into (every element is written). ``threads``: the most threads the
+    call uses, its own included (default ``torch.get_num_threads()``; the kernel's pool caps it, see the module
+    docstring). Returns None when the compiled kernel is not available (the caller takes the PyTorch path).
     """
     fn = fn or load()
     if fn is None:
@@ -164,9 +240,9 @@ def colmass(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scaling: 
                 key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
                 lse.data_ptr(), lse.stride(0), lse.stride(1), lse.stride(2),
                 mass.data_ptr(), b, hkv, hq // hkv, q, n, d, float(scaling), int(bool(causal)),
-                max(1, torch.get_num_threads()))
+                _threads() if threads is None else max(1, int(threads)))
     if status == -2:
-        raise TokenmemError("the fused CPU kernel could not run its threads (out of memory?); set TOKENMEM_NATIVE=0 "
+        raise TokenmemError("the fused CPU kernel could not run (out of memory?); set TOKENMEM_NATIVE=0 "
                             "to use the PyTorch path")
     if status != 0:
         raise TokenmemError(f"the fused CPU kernel rejected the sizes b={b} hq={hq} hkv={hkv} q={q} n={n} d={d}")
