@@ -1,7 +1,7 @@
 """Text adapter: any causal LM (Llama, Mistral, Qwen2, GPT-2 are tested) with a TokenMemory.
 
-Separators (for SepLLM) come from the tokenizer: every vocabulary entry whose text is one of
-``. , ? ! ; : space tab newline``, with or without a leading space marker.
+Separators (for SepLLM) come from the tokenizer (:func:`tokenmem.separators.separator_ids`: every vocabulary
+entry whose text is one of ``. , ? ! ; : space tab newline``, with or without a leading space marker).
 """
 
 from __future__ import annotations
@@ -13,31 +13,9 @@ import torch
 
 from tokenmem.errors import TokenmemError
 from tokenmem.memory import TokenMemory
+from tokenmem.separators import SEPARATOR_TEXTS, separator_ids  # noqa: F401  (re-exported)
 
-SEPARATOR_TEXTS = (".", ",", "?", "!", ";", ":", " ", "\t", "\n")
 TESTED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
-_SPACE_MARKERS = (" ", "\u0120", "\u2581")  # plain space, byte-level 'Ġ', sentencepiece '▁'
-
-
-def separator_ids(tokenizer) -> list[int]:
-    """Ids of the tokenizer's separator tokens (see module docstring)."""
-    vocab = tokenizer.get_vocab()
-    ids = sorted(vocab.values())
-    texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
-    raw = tokenizer.convert_ids_to_tokens(ids)
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    found = []
-    for i, text, token in zip(ids, texts, raw):
-        if i in special:
-            continue
-        for candidate in (text, token):
-            if candidate is None:
-                continue
-            stripped = candidate[1:] if len(candidate) > 1 and candidate[0] in _SPACE_MARKERS else candidate
-            if candidate in SEPARATOR_TEXTS or stripped in SEPARATOR_TEXTS or candidate in _SPACE_MARKERS[1:]:
-                found.append(i)
-                break
-    return found
 
 
 def load_causal_lm(path: str, *, dtype: torch.dtype | str = "auto", **kwargs):

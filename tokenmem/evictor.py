@@ -40,7 +40,7 @@ class LayerView:
     budget: int  # tokens per (batch, head) the memory is about to keep
     new_tokens: int  # tokens appended by the latest call
     rows: torch.Tensor | None = None  # [b, h, r, n] float32: attention rows of the newest r queries (oldest first)
-    _layer: object = field(default=None, repr=False)
+    rows_window: object = field(default=None, repr=False)  # where consume_rows reports (the layer or a scratch)
 
     @property
     def extras(self) -> dict:
@@ -50,7 +50,7 @@ class LayerView:
 
     def consume_rows(self, count: int) -> None:
         """Tell the memory the ``count`` oldest rows in :attr:`rows` are folded into the evictor's state."""
-        self._layer.consume_rows(count)
+        self.rows_window.consume_rows(count)
 
     @property
     def num_tokens(self) -> int:
