@@ -32,7 +32,8 @@ import torch
 
 
 def quality(adapter, args, evictor, budget=None, label=None, record_kept=None) -> dict:
-    from tokenmem.adapters.decision import CachedPolicy, ReferencePolicy, rollout
+    from tokenmem.adapters.decision import CachedPolicy, ReferencePolicy
+    from tokenmem.envs.rollout import rollout
     from tokenmem.envs import make_env
 
     returns, lengths, scores, seconds = [], [], [], 0.0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .tasks import TASKS, Task, check_state_dim, get_task, make_env, normalised_score
+from .mujoco_tasks import TASKS, Task, check_state_dim, get_task, make_env, normalised_score
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 SHIPPED_DT = MODELS_DIR / "hopper-medium-dt"

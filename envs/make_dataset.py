@@ -33,7 +33,7 @@ import numpy as np
 from tokenmem.errors import TokenmemError
 
 from .datasets import Episode, write_dataset
-from .tasks import get_task, make_env, normalised_score
+from .mujoco_tasks import get_task, make_env, normalised_score
 
 EVAL_SEED_BASE = 10_000  # evaluation episodes use seeds 10000, 10001, ...
 MEDIUM_FRACTION = 1 / 3  # D4RL's medium policies reach about a third of the expert's return

@@ -34,7 +34,7 @@ import torch
 from tokenmem.errors import TokenmemError
 
 from .datasets import Episode, episodes_of, load_dataset, state_stats
-from .tasks import get_task
+from .mujoco_tasks import get_task
 
 
 def build_model(state_dim: int, act_dim: int, args):
@@ -192,9 +192,11 @@ def train(args) -> dict:
 
 def evaluate(model_path, env_id: str, episodes: int, seed: int, batch: int) -> dict:
     """Reference-loop rollouts (the official example's) over ``episodes`` seeds; D4RL-normalised scores."""
-    from tokenmem.adapters.decision import DecisionAdapter, ReferencePolicy, rollout
+    from tokenmem.adapters.decision import DecisionAdapter, ReferencePolicy
 
-    from .tasks import make_env
+    from .rollout import rollout
+
+    from .mujoco_tasks import make_env
 
     adapter = DecisionAdapter.from_pretrained(str(model_path))
     returns, lengths = [], []
@@ -204,7 +206,7 @@ def evaluate(model_path, env_id: str, episodes: int, seed: int, batch: int) -> d
         result = rollout(adapter, ReferencePolicy(adapter), [make_env(env_id) for _ in chunk], chunk)
         returns += result.returns.tolist()
         lengths += result.lengths.tolist()
-    from .tasks import normalised_score
+    from .mujoco_tasks import normalised_score
 
     scores = normalised_score(env_id, returns)
     print(f"evaluation over {episodes} seeds: return {np.mean(returns):.1f} ± {np.std(returns):.1f}, "

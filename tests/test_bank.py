@@ -1,4 +1,4 @@
-"""The MemLong-style memory bank (plugins/bank.py): nothing lost, exact when everything is retrieved, identical
+"""The MemLong-style memory bank (tokenmem/bank): nothing lost, exact when everything is retrieved, identical
 to the evictor alone when nothing is, bounded device memory on a 100k-token stream, spill integrity, the
 least-retrieved dropping policy, and retrieval of the chunk a query matches."""
 
@@ -13,7 +13,7 @@ import tokenmem
 from conftest import Chooser, padded_batch, tiny_model, twin
 from tokenmem.attention import tokenmem_attention
 from tokenmem.meta import FLAGS, PAD, POSITION, ROPE, TOKEN
-from tokenmem.plugins.bank import Bank, BankError
+from tokenmem.bank import Bank, BankError
 from tokenmem.plugins.namm import NAMM, NAMMConfig
 from tokenmem.plugins.namm.scorer import num_params
 

@@ -99,7 +99,7 @@ TINY = dict(frames=16, vision_hidden=32, vision_layers=1, lm="tiny")
 def build_tokenizer():
     from transformers import AutoTokenizer
 
-    from tokenmem.adapters.video_demo import CHAT_TEMPLATE
+    from tokenmem.adapters.video import CHAT_TEMPLATE
 
     from . import stdlib_lm_path
 
