@@ -1,6 +1,7 @@
-"""tokenmem.envs: gymnasium MuJoCo tasks, D4RL normalisation, Minari datasets, and the scripts that make
-the offline data (:mod:`.make_dataset`, SAC behaviour policies) and train a Decision Transformer
-(:mod:`.train_dt`). Needs ``pip install tokenmem[rl]`` (``tokenmem[train]`` for the scripts).
+"""tokenmem.envs: gymnasium MuJoCo tasks and D4RL normalisation (:mod:`.mujoco_tasks`), Decision Transformer
+episodes (:mod:`.rollout`), Minari datasets, and the scripts that make the offline data (:mod:`.make_dataset`,
+SAC behaviour policies) and train a Decision Transformer (:mod:`.train_dt`). Needs ``pip install tokenmem[rl]``
+(``tokenmem[train]`` for the scripts). The environment side imports the adapters, never the other way round.
 """
 
 from __future__ import annotations

@@ -6,7 +6,11 @@
 - :mod:`tokenmem.zoo.lm_tasks`: long-context language tasks built from held-out files.
 - :mod:`tokenmem.zoo.video_task` / :mod:`tokenmem.zoo.train_video`: procedural video-QA clips and the trainer of the
   tiny LLaVA-NeXT-Video model shipped in ``tokenmem/zoo/models/shapes-llava-video``.
-- :mod:`tokenmem.zoo.transfer`: the zero-shot transfer benchmark (``tokenmem bench``).
+- :mod:`tokenmem.zoo.transfer`: the zero-shot transfer benchmark (``tokenmem bench``); :mod:`tokenmem.zoo.demo`:
+  ``tokenmem demo``.
+
+The training scripts (``train_lm``, ``train_video``, ``evolve_language``) run as modules (``python -m``) and are
+never imported by the library; importing this package loads only the paths below.
 """
 
 from __future__ import annotations
