@@ -240,20 +240,21 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(args) -> None:
-    from transformers import AutoTokenizer, LlamaForCausalLM
+def _tokenizer(work: Path):
+    """The tokenizer of the run (trained once, then loaded from ``work/tokenizer``)."""
+    from transformers import AutoTokenizer
 
     from .tokenizer import build_tokenizer
 
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
     tok_dir = work / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
         build_tokenizer().save_pretrained(tok_dir)
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    train_lines, held_lines = CodeLines("train"), CodeLines("heldout")
-    (work / "manifest.json").write_text(json.dumps(manifest(iter_files()), indent=0))
+    return AutoTokenizer.from_pretrained(tok_dir)
+
+
+def _model_and_optimiser(args, work: Path, tok):
+    """``(model, optimiser, step, gate_step)``: seeded fresh, or resumed from ``work/checkpoint.pt``."""
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(model_config(len(tok)))
@@ -267,56 +268,82 @@ def train(args) -> None:
         opt.load_state_dict(state["opt"])
         step, gate_step = state["step"], state["gate_step"]
         print(f"resumed at step {step} (phase 0 ended at {gate_step})", flush=True)
+    return model, opt, step, gate_step
 
+
+def _trim_log(work: Path, step: int) -> float:
+    """Keep only the log of the steps the checkpoint includes; returns the training seconds they took."""
+    if not (step and (work / "log.jsonl").exists()):
+        return 0.0
+    kept = [line for line in (work / "log.jsonl").read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    (work / "log.jsonl").write_text("".join(line + "\n" for line in kept))
+    return json.loads(kept[-1])["elapsed"] if kept else 0.0
+
+
+def _optimise(model, opt, batch: torch.Tensor, weights: torch.Tensor, lr: float) -> torch.Tensor:
+    """One optimiser step at learning rate ``lr`` (bfloat16 autocast, gradients clipped at 1); returns the loss."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = weighted_loss(model(input_ids=batch).logits, batch, weights)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def _gate(rec: dict, model, tok, held_lines, seed: int, step: int) -> bool:
+    """Phase 0's probes into ``rec``; True when the copy phase ends (gate passed or its steps used up)."""
+    rec["repeat_acc"] = repeat_accuracy(model, tok, held_lines.words, seed)
+    rec["synthetic_digits"] = synthetic_digit_accuracy(model, tok, seed)
+    return all(rec[k] >= v for k, v in GATE.items()) or step >= PHASES[0].steps
+
+
+def _evaluate(rec: dict, model, tok, evals: dict, held_lines, seed: int) -> None:
+    for d, prompts in evals.items():
+        rec[f"retrieval@{d}"] = _exact(model, prompts, tok.decode)
+    rec["heldout_loss"] = heldout_loss(model, tok, held_lines, 1024, 16, seed)
+    rec.setdefault("synthetic_digits", synthetic_digit_accuracy(model, tok, seed))
+    rec.setdefault("repeat_acc", repeat_accuracy(model, tok, held_lines.words, seed))
+
+
+def train(args) -> None:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    tok = _tokenizer(work)
+    train_lines, held_lines = CodeLines("train"), CodeLines("heldout")
+    (work / "manifest.json").write_text(json.dumps(manifest(iter_files()), indent=0))
+    model, opt, step, gate_step = _model_and_optimiser(args, work, tok)
     evals = {d: retrieval_prompts(tok, held_lines, d, args.eval_prompts, args.seed) for d in (64, 256, 1024)}
-    done_seconds = 0.0
-    if step and (work / "log.jsonl").exists():  # keep only the log of steps the checkpoint includes
-        kept = [line for line in (work / "log.jsonl").read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        (work / "log.jsonl").write_text("".join(line + "\n" for line in kept))
-        done_seconds = json.loads(kept[-1])["elapsed"] if kept else 0.0
+    done_seconds = _trim_log(work, step)
     log = open(work / "log.jsonl", "a")
     last_save = time.time()
     t0 = time.time() - done_seconds  # "elapsed" counts training time across resumptions
-    while True:
-        where = phase_at(step, gate_step)
-        if where is None:
-            break
+    while (where := phase_at(step, gate_step)) is not None:
         index, ph = where
         lr = learning_rate(step, gate_step, args.lr, args.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
         batch, weights = make_batch(tok, train_lines, args.seed, step, ph)
         ts = time.time()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = weighted_loss(model(input_ids=batch).logits, batch, weights)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = _optimise(model, opt, batch, weights, lr)
         step += 1
         rec = {"step": step, "phase": index, "loss": round(loss.item(), 4), "lr": lr, "seq_len": ph.seq_len,
                "tok_s": round(batch.numel() / (time.time() - ts)), "elapsed": round(time.time() - t0, 1)}
-        if gate_step is None and step % PROBE_EVERY == 0:
-            rec["repeat_acc"] = repeat_accuracy(model, tok, held_lines.words, args.seed)
-            rec["synthetic_digits"] = synthetic_digit_accuracy(model, tok, args.seed)
-            if all(rec[k] >= v for k, v in GATE.items()) or step >= PHASES[0].steps:
-                gate_step = step
-                rec["gate_passed"] = step < PHASES[0].steps
+        if gate_step is None and step % PROBE_EVERY == 0 and _gate(rec, model, tok, held_lines, args.seed, step):
+            gate_step = step
+            rec["gate_passed"] = step < PHASES[0].steps
         last = phase_at(step, gate_step) is None
         if step % args.eval_every == 0 or last:
-            for d, prompts in evals.items():
-                rec[f"retrieval@{d}"] = _exact(model, prompts, tok.decode)
-            rec["heldout_loss"] = heldout_loss(model, tok, held_lines, 1024, 16, args.seed)
-            rec.setdefault("synthetic_digits", synthetic_digit_accuracy(model, tok, args.seed))
-            rec.setdefault("repeat_acc", repeat_accuracy(model, tok, held_lines.words, args.seed))
+            _evaluate(rec, model, tok, evals, held_lines, args.seed)
         log.write(json.dumps(rec) + "\n")
         log.flush()
         if step % 10 == 0 or len(rec) > 7:
             print(json.dumps(rec), flush=True)
         if time.time() - last_save > args.save_minutes * 60 or last:
             _save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                          "gate_step": gate_step}, ckpt)
+                          "gate_step": gate_step}, work / "checkpoint.pt")
             last_save = time.time()
     model.save_pretrained(work / "final")
     tok.save_pretrained(work / "final")

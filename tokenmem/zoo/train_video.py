@@ -359,6 +359,36 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _resume(ckpt: Path, log_path: Path, spec: Spec, model, opt) -> tuple[int, float]:
+    """Load a checkpoint into ``model``/``opt`` (and torch's RNG), trim the log to it; ``(step, seconds trained)``."""
+    state = torch.load(ckpt, weights_only=False)
+    if state["spec"] != asdict(spec):
+        raise TokenmemError(f"{ckpt} was trained with {state['spec']}, this run asks for {asdict(spec)}; "
+                            "resume with the same size flags (--tiny, --frames) or choose another --out")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    torch.set_rng_state(state["rng"])
+    step, elapsed = state["step"], state["elapsed"]
+    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    log_path.write_text("".join(line + "\n" for line in kept))
+    print(f"resumed {ckpt.parent} at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
+    return step, elapsed
+
+
+def _optimise(model, opt, encoder: "Encoder", args, spec: Spec, step: int, progress: float) -> torch.Tensor:
+    """One optimiser step on the batch of ``step`` (learning rates from ``progress``); returns the loss."""
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(group["peak"], step, progress, args.warmup)
+    inputs, labels = encoder.packed(train_clips(args.seed, step, args.batch, spec))
+    logits, target, _ = answer_logits(model, inputs, labels)
+    loss = torch.nn.functional.cross_entropy(logits, target)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def train(args) -> Path | None:
     from tqdm import tqdm
 
@@ -374,17 +404,7 @@ def train(args) -> Path | None:
     opt = optimiser(model, args.lr, args.lr_lm)
     step, elapsed = 0, 0.0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state["spec"] != asdict(spec):
-            raise TokenmemError(f"{ckpt} was trained with {state['spec']}, this run asks for {asdict(spec)}; "
-                                "resume with the same size flags (--tiny, --frames) or choose another --out")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        torch.set_rng_state(state["rng"])
-        step, elapsed = state["step"], state["elapsed"]
-        kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        log_path.write_text("".join(line + "\n" for line in kept))
-        print(f"resumed {out} at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
+        step, elapsed = _resume(ckpt, log_path, spec, model, opt)
     model.train()
     encoder = Encoder(tok, spec)
     evals = task.clips("heldout", args.eval_clips, num_frames=spec.frames, size=spec.size)
@@ -411,15 +431,7 @@ def train(args) -> Path | None:
             return None
         t0 = time.time()
         progress = step / args.max_steps if args.max_steps is not None else elapsed / budget
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(group["peak"], step, progress, args.warmup)
-        inputs, labels = encoder.packed(train_clips(args.seed, step, args.batch, spec))
-        logits, target, _ = answer_logits(model, inputs, labels)
-        loss = torch.nn.functional.cross_entropy(logits, target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = _optimise(model, opt, encoder, args, spec, step, progress)
         step += 1
         dt = time.time() - t0
         elapsed += dt
