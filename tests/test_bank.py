@@ -205,13 +205,13 @@ def test_device_memory_bound_on_a_100k_token_stream():
     bank = Bank(chunk_size=chunk, retrieve=retrieve, retrieve_every=4, max_chunks=limit)
     memory = tokenmem.TokenMemory(model, "sink", budget=budget, interval=interval, bank=bank)
     attended = []
-    kernel = memory._kernel
+    kernel = memory.kernel
 
     def watching(extra, query, keys, values, **kwargs):  # keys on the device in one attention call
         attended.append(keys.shape[2] + (0 if extra is None else extra.size))
         return kernel(extra, query, keys, values, **kwargs)
 
-    memory._kernel = watching
+    memory.kernel = watching
     g = torch.Generator().manual_seed(0)
     total = 100_000
     with torch.no_grad():
