@@ -5,7 +5,8 @@
   ``tokenmem/zoo/models/stdlib-llama``.
 - :mod:`tokenmem.zoo.lm_tasks`: long-context language tasks built from held-out files.
 - :mod:`tokenmem.zoo.video_task` / :mod:`tokenmem.zoo.train_video`: procedural video-QA clips and the trainer of the
-  tiny LLaVA-NeXT-Video model shipped in ``tokenmem/zoo/models/shapes-llava-video``.
+  tiny LLaVA-NeXT-Video model shipped in ``tokenmem/zoo/models/shapes-llava-video`` (its architecture, tokenizer and
+  batches: :mod:`tokenmem.zoo.video_model`).
 - :mod:`tokenmem.zoo.transfer`: the zero-shot transfer benchmark (``tokenmem bench``); :mod:`tokenmem.zoo.demo`:
   ``tokenmem demo``.
 
