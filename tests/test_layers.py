@@ -29,10 +29,9 @@ ALLOWED = {
     ("tokenmem.plugins.namm.tasks", "tokenmem.zoo.lm_tasks"),
 }
 
-TRAINING = ("tokenmem.zoo.train_lm", "tokenmem.zoo.train_video", "tokenmem.zoo.video_model", "tokenmem.zoo.evolve_language",
-            "tokenmem.zoo.lm_tasks", "tokenmem.zoo.lm_eval", "tokenmem.zoo.corpus", "tokenmem.zoo.tokenizer",
-            "tokenmem.zoo.planting",
-            "tokenmem.envs.train_dt", "tokenmem.envs.make_dataset", "tokenmem.plugins.namm.evolve",
+TRAINING = ("tokenmem.zoo.train_lm", "tokenmem.zoo.lm_eval", "tokenmem.zoo.train_video", "tokenmem.zoo.video_model",
+            "tokenmem.zoo.evolve_language", "tokenmem.zoo.lm_tasks", "tokenmem.zoo.corpus", "tokenmem.zoo.tokenizer",
+            "tokenmem.zoo.planting", "tokenmem.envs.train_dt", "tokenmem.envs.make_dataset", "tokenmem.plugins.namm.evolve",
             "tokenmem.plugins.namm.tasks")
 
 
