@@ -115,6 +115,37 @@ def test_no_two_modules_import_each_other():
     assert not pairs, f"modules importing each other: {pairs}"
 
 
+def test_no_import_cycles():
+    """No longer cycles either (a -> b -> c -> a): every strongly connected part of the graph is one module."""
+    g = graph()
+    for a, b in ALLOWED:
+        g[a] = g[a] - {b}
+    order, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):
+        order[v] = low[v] = len(order)
+        stack.append(v)
+        on_stack.add(v)
+        for w in g[v] & set(g):
+            if w not in order:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], order[w])
+        if low[v] == order[v]:
+            part = []
+            while not part or part[-1] != v:
+                part.append(stack.pop())
+                on_stack.discard(part[-1])
+            if len(part) > 1:
+                cycles.append(sorted(part))
+
+    for v in sorted(g):
+        if v not in order:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
 def test_allowed_violations_are_still_real():
     """An allow-list entry whose import is gone must be removed (it would hide a new violation)."""
     g = graph()
