@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,7 +44,8 @@ class DecisionAdapter:
     Settings (each argument overrides the value saved in ``model.config.tokenmem`` by
     :func:`tokenmem.envs.train_dt`): ``env_id``, ``state_mean`` / ``state_std`` (state normalisation),
     ``context`` (K, the reference loop's window), ``return_scale`` (returns are divided by it) and
-    ``target_return`` (conditioning return at evaluation, unscaled).
+    ``target_return`` (conditioning return at evaluation, unscaled; when neither given nor saved,
+    :func:`tokenmem.envs.rollout.rollout` uses the paper's target of the environment's task).
     """
 
     def __init__(self, model, *, env_id: str | None = None, state_mean=None, state_std=None,
@@ -71,10 +70,6 @@ class DecisionAdapter:
         self.context = int(context if context is not None else saved.get("context", DEFAULT_CONTEXT))
         self.return_scale = float(return_scale if return_scale is not None else saved.get("return_scale", DEFAULT_RETURN_SCALE))
         self.target_return = target_return if target_return is not None else saved.get("target_return")
-        if self.target_return is None and self.env_id is not None:
-            from tokenmem.envs.tasks import get_task
-
-            self.target_return = get_task(self.env_id).target_return
 
     @classmethod
     def from_pretrained(cls, path: str, **settings) -> "DecisionAdapter":
@@ -252,88 +247,3 @@ class CachedPolicy:
         action = self.adapter.model.predict_action(hidden[:, -1])  # from the state token s_t
         self.prev_action = action
         return action
-
-
-@dataclass
-class RolloutResult:
-    env_id: str | None
-    seeds: list[int]
-    returns: np.ndarray  # [b]
-    lengths: np.ndarray  # [b]
-    actions: list[np.ndarray]  # per episode [T_i, act_dim]
-    seconds: float
-    memory: TokenMemory | None = None
-    frames: list = field(default_factory=list)  # rgb frames of episode 0 when rendering
-
-    @property
-    def scores(self) -> np.ndarray:
-        """D4RL-normalised scores (needs a supported env id)."""
-        from tokenmem.envs.tasks import normalised_score
-
-        return normalised_score(self.env_id, self.returns)
-
-    @property
-    def steps_per_second(self) -> float:
-        return float(self.lengths.sum()) / max(self.seconds, 1e-9)
-
-
-def rollout(adapter: DecisionAdapter, policy, envs, seeds, *, max_steps: int | None = None,
-            target_return: float | None = None, render: bool = False, progress=None) -> RolloutResult:
-    """Run one episode in each of ``envs`` (a batch through ``policy``; episode ``i`` is reset with
-    ``seeds[i]``) and return the episodes' returns, lengths and actions. The return-to-go starts at
-    ``target_return / return_scale`` and drops by ``reward / return_scale`` each step (float32), as in the
-    official example. ``progress`` (e.g. a tqdm bar) is advanced once per step."""
-    envs, seeds = list(envs), [int(s) for s in seeds]
-    if not envs or len(envs) != len(seeds):
-        raise TokenmemError(f"rollout needs one seed per environment, got {len(envs)} envs and {len(seeds)} seeds")
-    for env in envs:
-        adapter.check_env(env)
-    env_id = getattr(getattr(envs[0], "spec", None), "id", None) or adapter.env_id
-    if max_steps is None:
-        max_steps = getattr(getattr(envs[0], "spec", None), "max_episode_steps", None) or adapter.max_ep_len
-    if max_steps > adapter.max_ep_len:
-        raise TokenmemError(f"episodes of {max_steps} steps need timestep embeddings up to {max_steps - 1} but the "
-                            f"model has max_ep_len={adapter.max_ep_len}; lower max_steps")
-    target = adapter.target_return if target_return is None else target_return
-    if target is None:
-        raise TokenmemError("no target return: pass target_return=... (or an adapter with env_id or a saved target)")
-    b = len(envs)
-    obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)])
-    rtg = torch.full((b,), float(target) / adapter.return_scale, dtype=torch.float32)
-    alive = torch.ones(b, dtype=torch.bool)
-    returns, lengths = np.zeros(b), np.zeros(b, dtype=np.int64)
-    actions = [[] for _ in range(b)]
-    frames = [envs[0].render()] if render else []
-    policy.start(b)
-    start = time.perf_counter()
-    for t in range(max_steps):
-        action = policy.act(t, rtg, adapter.normalise(obs), alive).to(torch.float32)
-        for i in torch.nonzero(alive).flatten().tolist():
-            a = action[i].numpy()
-            o, reward, terminated, truncated, _ = envs[i].step(a)
-            obs[i] = o
-            actions[i].append(a.copy())
-            returns[i] += reward
-            lengths[i] += 1
-            rtg[i] = rtg[i] - torch.tensor(reward / adapter.return_scale, dtype=torch.float32)
-            if terminated or truncated:
-                alive[i] = False
-            if render and i == 0:
-                frames.append(envs[0].render())
-        if progress is not None:
-            progress.update(1)
-        if not bool(alive.any()):
-            break
-    seconds = time.perf_counter() - start
-    acts = [np.stack(a) if a else np.zeros((0, adapter.act_dim), np.float32) for a in actions]
-    return RolloutResult(env_id, seeds, returns, lengths, acts, seconds, getattr(policy, "memory", None), frames)
-
-
-def make_policy(adapter: DecisionAdapter, evictor: str | None, budget=None, interval=None, **options):
-    """``evictor="reference"`` (or None): the reference loop; any evictor name: a cached policy."""
-    if evictor in (None, "reference"):
-        if budget is not None:
-            raise TokenmemError("the reference loop has no budget; its window is the adapter's context (K)")
-        return ReferencePolicy(adapter)
-    return CachedPolicy(adapter, evictor, budget, interval, **options)
-

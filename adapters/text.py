@@ -1,7 +1,7 @@
 """Text adapter: any causal LM (Llama, Mistral, Qwen2, GPT-2 are tested) with a TokenMemory.
 
-Separators (for SepLLM) come from the tokenizer: every vocabulary entry whose text is one of
-``. , ? ! ; : space tab newline``, with or without a leading space marker.
+Separators (for SepLLM) come from the tokenizer (:func:`tokenmem.separators.separator_ids`: every vocabulary
+entry whose text is one of ``. , ? ! ; : space tab newline``, with or without a leading space marker).
 """
 
 from __future__ import annotations
@@ -13,31 +13,12 @@ import torch
 
 from tokenmem.errors import TokenmemError
 from tokenmem.memory import TokenMemory
+from tokenmem.separators import SEPARATOR_TEXTS, separator_ids  # noqa: F401  (re-exported)
 
-SEPARATOR_TEXTS = (".", ",", "?", "!", ";", ":", " ", "\t", "\n")
+from . import base
+from .base import Adapter, Prompt
+
 TESTED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
-_SPACE_MARKERS = (" ", "\u0120", "\u2581")  # plain space, byte-level 'Ġ', sentencepiece '▁'
-
-
-def separator_ids(tokenizer) -> list[int]:
-    """Ids of the tokenizer's separator tokens (see module docstring)."""
-    vocab = tokenizer.get_vocab()
-    ids = sorted(vocab.values())
-    texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
-    raw = tokenizer.convert_ids_to_tokens(ids)
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    found = []
-    for i, text, token in zip(ids, texts, raw):
-        if i in special:
-            continue
-        for candidate in (text, token):
-            if candidate is None:
-                continue
-            stripped = candidate[1:] if len(candidate) > 1 and candidate[0] in _SPACE_MARKERS else candidate
-            if candidate in SEPARATOR_TEXTS or stripped in SEPARATOR_TEXTS or candidate in _SPACE_MARKERS[1:]:
-                found.append(i)
-                break
-    return found
 
 
 def load_causal_lm(path: str, *, dtype: torch.dtype | str = "auto", **kwargs):
@@ -63,26 +44,16 @@ def prepare_tokenizer(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-@torch.no_grad()
 def prefill(model, memory: TokenMemory, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
             chunk: int = 512) -> None:
-    """Feed all but the last prompt token through ``model`` in chunks of ``chunk`` tokens.
+    """Feed all but the last prompt token through ``model`` in chunks of ``chunk`` tokens (:func:`.base.prefill`).
 
     ``model.generate(input_ids, attention_mask=..., past_key_values=memory)`` then continues from the
     last token: the memory reports the tokens it has seen, so generate feeds only what is new.
     Positions follow the attention mask (left padding), as generate's own would.
     """
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise TokenmemError(f"prefill chunk must be a positive number of tokens, got {chunk!r}")
-    if memory.seen:
-        raise TokenmemError("prefill() needs a fresh TokenMemory (this one has already seen tokens)")
-    total = input_ids.shape[1] - 1
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    for start in range(0, total, chunk):
-        end = min(total, start + chunk)
-        model(input_ids=input_ids[:, start:end], attention_mask=mask[:, :end],
-              position_ids=positions[:, start:end], past_key_values=memory, use_cache=True, logits_to_keep=1)
+    base.prefill(model, memory, Prompt(input_ids, mask), chunk)
 
 
 @dataclass
@@ -92,7 +63,7 @@ class Generation:
     memory: TokenMemory
 
 
-class TextAdapter:
+class TextAdapter(Adapter):
     """A causal LM + tokenizer with helpers to generate under a TokenMemory.
 
     >>> adapter = TextAdapter.from_pretrained("path/to/model")
@@ -101,27 +72,17 @@ class TextAdapter:
     """
 
     def __init__(self, model, tokenizer):
-        family = getattr(model.config, "model_type", "?")
-        self.model, self.tokenizer = model, tokenizer
-        self.family = family
+        super().__init__(model, tokenizer)
+        self.family = getattr(model.config, "model_type", "?")
         prepare_tokenizer(tokenizer)
-        self._separators: list[int] | None = None
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "TextAdapter":
         return cls(*load_causal_lm(path, **kwargs))
 
-    @property
-    def separators(self) -> list[int]:
-        if self._separators is None:
-            self._separators = separator_ids(self.tokenizer)
-        return self._separators
-
     def memory(self, evictor="full", budget=None, interval: int | None = None, positions: str = "original", **options):
         """A TokenMemory for this model with the tokenizer's separators."""
-        return TokenMemory(
-            self.model, evictor, budget, interval, positions, separator_ids=self.separators, **options
-        )
+        return super().memory(evictor=evictor, budget=budget, interval=interval, positions=positions, **options)
 
     def encode(self, prompts: str | list[str]) -> dict[str, torch.Tensor]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -132,7 +93,6 @@ class TextAdapter:
             raise TokenmemError("the prompt tokenized to zero tokens; give a non-empty prompt")
         return {k: v.to(self.model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
-    @torch.no_grad()
     def generate(self, prompts, *, evictor="full", budget=None, interval=None, positions="original",
                  max_new_tokens: int = 64, memory: TokenMemory | None = None, prefill_chunk: int | None = None,
                  **generate_kwargs) -> Generation:
@@ -145,13 +105,9 @@ class TextAdapter:
         enc = self.encode(prompts)
         if memory is None:  # (a Cache with no layers yet is falsy: test for None)
             memory = self.memory(evictor, budget, interval, positions)
-        if prefill_chunk is not None:
-            prefill(self.model, memory, enc["input_ids"], enc["attention_mask"], prefill_chunk)
-        generate_kwargs.setdefault("do_sample", False)
-        out = self.model.generate(
-            **enc, past_key_values=memory, max_new_tokens=max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs,
-        )
+        prompt = Prompt(enc["input_ids"], enc["attention_mask"])
+        out = self.generate_prompt(prompt, memory, prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens,
+                                   pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return Generation(texts=texts, sequences=out, memory=memory)

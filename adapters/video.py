@@ -5,6 +5,8 @@
   ``LlavaNextVideoProcessor`` in plain torch, proven equal to it where torchvision imports);
 - model: the real ``LlavaNextVideoForConditionalGeneration.from_pretrained`` on a local path. Only its
   language model is switched to the ``"tokenmem"`` attention; the vision tower keeps its own;
+- memories, chunked prefill, generation and the metadata rules come from the adapter base
+  (:mod:`~tokenmem.adapters.base`); this module adds frames, pixels and the placement of video features;
 - metadata (``memory.annotate``): every video token gets modality ``"frame"``, segment = frame index and, in
   the ``token`` field, its index inside the frame (row-major over the pooled patch grid; all video tokens
   share one input id, so the field carries no other information for them). Text tokens get modality
@@ -29,15 +31,23 @@ import torch
 
 from tokenmem.errors import TokenmemError
 from tokenmem.memory import TokenMemory
-from tokenmem.meta import MODALITIES, PROTECT, SEPARATOR, TokenMeta
+from tokenmem.meta import TokenMeta
 
-from .text import prepare_tokenizer, separator_ids
+from .base import Adapter, Prompt, check_chunk, prompt_meta
+from .text import prepare_tokenizer
 from .video_frames import FramePreprocessor, video_token_count
 from .video_io import Clip, read_video
 from .video_report import FrameReport
 
 EVICT_UNITS = {"token": "token", "frame": "segment"}  # adapter option -> TokenMemory(evict_unit=...)
 FALLBACK_PROMPT = "USER: <video>\n{question} ASSISTANT:"
+# The prompt format of the LLaVA-NeXT-Video checkpoints ("USER: <video>\n{question} ASSISTANT:") as a chat template.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() }}: "
+    "{% for c in message['content'] if c['type'] == 'video' %}<video>\n{% endfor %}"
+    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] }} {% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 
 
 def load_llava_next_video(path: str, *, dtype: torch.dtype | str = torch.float32, **kwargs):
@@ -79,7 +89,7 @@ class Answer:
         return self.text
 
 
-class VideoQA:
+class VideoQA(Adapter):
     """Question answering over videos with a LLaVA-NeXT-Video model and a bounded memory.
 
     Args:
@@ -103,21 +113,21 @@ class VideoQA:
             raise TokenmemError("give tokenizer= and preprocessor= with a loaded model (or pass a model directory)")
         if evict_unit not in EVICT_UNITS:
             raise TokenmemError(f"evict_unit must be one of {tuple(EVICT_UNITS)}, got {evict_unit!r}")
-        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
-                                          or prefill_chunk < 1):
-            raise TokenmemError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk!r}")
-        self.model, self.tokenizer, self.preprocessor = model, tokenizer, preprocessor
+        if prefill_chunk is not None:
+            check_chunk(prefill_chunk, "prefill_chunk")
+        super().__init__(model, tokenizer, memory_model=model.get_decoder(), memory_options=dict(
+            evictor=evictor, budget=budget, interval=interval, positions=positions,
+            evict_unit=EVICT_UNITS[evict_unit], **evictor_options))
+        self.preprocessor = preprocessor
         self.chat_template = chat_template
         prepare_tokenizer(tokenizer)
         self.video_token_id = int(model.config.video_token_id)
         self.video_token = tokenizer.convert_ids_to_tokens(self.video_token_id)
         self.tokens_per_frame = video_token_count(model.config, preprocessor.crop)
-        self.memory_options = dict(evictor=evictor, budget=budget, interval=interval, positions=positions,
-                                   evict_unit=EVICT_UNITS[evict_unit], **evictor_options)
         self.protect_question = protect_question
         self.sampling = dict(num_frames=frames, fps=fps, reader=reader)
         self.prefill_chunk = prefill_chunk
-        self.separators = separator_ids(tokenizer)
+        self.separators  # computed now, not at the first question
         self.memory()  # validates the options now (and prepares the language model) rather than at the first ask
 
     # -- inputs ------------------------------------------------------------------------------------
@@ -172,30 +182,13 @@ class VideoQA:
         return VideoInputs(ids, mask, pixels, self._meta(ids, mask, is_video), frames, self.tokens_per_frame)
 
     def _meta(self, ids, mask, is_video) -> TokenMeta:
-        b, q = ids.shape
-        rank = is_video.long().cumsum(-1) - 1  # index among the row's video tokens
-        slot = torch.arange(q).expand(b, q)
-        last_video = torch.where(is_video, slot, -1).amax(-1, keepdim=True)
-        flags = torch.isin(ids, torch.tensor(self.separators, dtype=torch.long)) & ~is_video
-        flags = flags.long() * SEPARATOR
-        if self.protect_question:
-            question = ~is_video & (slot > last_video) & mask.bool()
-            flags |= question.long() * PROTECT
-        return TokenMeta.build(
-            b, q,
-            modality=torch.where(is_video, MODALITIES["frame"], MODALITIES["text"]),
-            segment=torch.where(is_video, rank // self.tokens_per_frame, -1),
-            token=torch.where(is_video, rank % self.tokens_per_frame, ids),
-            flags=flags,
-        )
+        return prompt_meta(ids, mask, self.separators, media=is_video, tokens_per_segment=self.tokens_per_frame,
+                           modality="frame", protect_after_media=self.protect_question)
 
     # -- answering ---------------------------------------------------------------------------------
-    def memory(self) -> TokenMemory:
+    def memory(self, **options) -> TokenMemory:
         """A fresh TokenMemory on the language model (the vision tower keeps its own attention)."""
-        options = dict(self.memory_options)
-        return TokenMemory(self.model.get_decoder(), options.pop("evictor"), options.pop("budget"),
-                           options.pop("interval"), options.pop("positions"), separator_ids=self.separators,
-                           **options)
+        return super().memory(**options)
 
     def ask(self, video, question: str, **kwargs) -> Answer:
         """Answer one question about one video (path, Clip or frames); see :meth:`ask_many`."""
@@ -210,43 +203,28 @@ class VideoQA:
         clips = [self.load(v) for v in videos]
         inputs = self.encode(clips, list(questions))
         memory = self.memory() if memory is None else memory
-        generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        ids, mask = inputs.input_ids.to(self.model.device), inputs.attention_mask.to(self.model.device)
-        if self.prefill_chunk is None:
-            memory.annotate(inputs.meta)
-            out = self.model.generate(input_ids=ids, attention_mask=mask, past_key_values=memory,
-                                      pixel_values_videos=inputs.pixel_values_videos.to(self.model.device),
-                                      max_new_tokens=max_new_tokens, **generate_kwargs)
-        else:
-            self._prefill(inputs, memory)
-            out = self.model.generate(input_ids=ids, attention_mask=mask, past_key_values=memory,
-                                      max_new_tokens=max_new_tokens, **generate_kwargs)
-        new = out[:, ids.shape[1]:]
+        prompt = self.prompt_of(inputs)
+        out = self.generate_prompt(prompt, memory, prefill_chunk=self.prefill_chunk, max_new_tokens=max_new_tokens,
+                                   **generate_kwargs)
+        new = out[:, prompt.length:]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [Answer(text=texts[r], tokens=new[r], memory=memory, clip=clips[r],
                        report=FrameReport.from_memory(memory, r, inputs.frames, inputs.tokens_per_frame))
                 for r in range(len(clips))]
 
-    def _prefill(self, inputs: VideoInputs, memory: TokenMemory) -> None:
-        """Feed all but the last prompt token as embeddings in chunks (generate continues from the last one);
-        video features are placed as ``LlavaNextVideoModel.forward`` places them."""
-        model, device = self.model, self.model.device
-        ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
-        embeds = model.get_input_embeddings()(ids)  # [b, q, d]
-        features = model.get_video_features(pixel_values_videos=inputs.pixel_values_videos.to(device),
-                                            return_dict=True).pooler_output  # [b, frames * tokens, d]
-        video = (ids == self.video_token_id)[..., None].expand_as(embeds)
-        embeds = embeds.masked_scatter(video, features.to(embeds.dtype))
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        total, chunk = ids.shape[1] - 1, self.prefill_chunk
-        for start in range(0, total, chunk):
-            end = min(total, start + chunk)
-            memory.annotate(_slice(inputs.meta, start, end))
-            model(inputs_embeds=embeds[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
-                  past_key_values=memory, use_cache=True, logits_to_keep=1)
-        memory.annotate(_slice(inputs.meta, total, total + 1))  # generate's first call: the last prompt token
-
-
-def _slice(meta: TokenMeta, start: int, end: int) -> TokenMeta:
-    return TokenMeta.from_packed(meta.pack()[:, start:end])
+    def prompt_of(self, inputs: VideoInputs) -> Prompt:
+        """The model's prompt: ids, mask, metadata, the pixels for an unprefilled ``generate``, and (with a
+        ``prefill_chunk``) the input embeddings with the video features placed as ``LlavaNextVideoModel.forward``
+        places them."""
+        device = self.model.device
+        pixels = inputs.pixel_values_videos.to(device)
+        prompt = Prompt(inputs.input_ids.to(device), inputs.attention_mask.to(device), meta=inputs.meta,
+                        model_inputs={"pixel_values_videos": pixels})
+        if self.prefill_chunk is not None:
+            embeds = self.model.get_input_embeddings()(prompt.input_ids)  # [b, q, d]
+            features = self.model.get_video_features(pixel_values_videos=pixels,
+                                                     return_dict=True).pooler_output  # [b, frames * tokens, d]
+            video = (prompt.input_ids == self.video_token_id)[..., None].expand_as(embeds)
+            prompt.inputs_embeds = embeds.masked_scatter(video, features.to(embeds.dtype))
+        return prompt

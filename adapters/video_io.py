@@ -1,4 +1,5 @@
-"""Reading a video as N uint8 RGB frames with their timestamps: decord first, PyAV as the fallback.
+"""Reading a video as N uint8 RGB frames with their timestamps: decord first, PyAV as the fallback (and writing
+frames to a file with PyAV, :func:`write_video`).
 
 Frames are sampled the way ``transformers``' ``default_sample_indices_fn`` does (``video_utils.py``): N frames
 uniformly (``index_i = i * total // N``), or a fixed rate (``N = max(1, int(total / video_fps * fps))``).
@@ -174,3 +175,26 @@ def _read_pyav(path: str, num_frames, fps) -> Clip:
         raise _Undecodable(f"the container reports {total} frames but frame {missing[0]} could not be decoded")
     return Clip(frames=np.stack(frames), timestamps=timestamps, indices=indices, fps=video_fps, total_frames=total,
                 path=path, reader="pyav")
+
+
+def write_video(path, frames: np.ndarray, fps: int = 8, codec: str = "libx264", crf: int = 0) -> str:
+    """Encode ``[T, H, W, 3]`` uint8 RGB frames (even H and W) to ``path`` with PyAV (H.264, yuv420p)."""
+    try:
+        import av
+    except ImportError:
+        raise TokenmemError("writing videos needs PyAV: pip install 'tokenmem[video]'") from None
+    frames = np.asarray(frames, dtype=np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[1] % 2 or frames.shape[2] % 2:
+        raise TokenmemError(f"frames must be [T, H, W, 3] uint8 with even H and W, got {frames.shape}")
+    path = os.fspath(path)
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)} if codec.startswith("libx264") else {}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -56,7 +56,7 @@ the prefill's process CPU time (user + sys, both threads), and for decode the fa
 stall during the decode loop; the configurations of one context run back to back (and ``--repeat N`` runs
 the whole sequence N times, alternating the order, and reports the median) so they see similar conditions.
 
-Triton: a child with ``TRITON_INTERPRET=1`` runs ``tokenmem.kernels.triton.attention_with_stats`` on small
+Triton: a child with ``TRITON_INTERPRET=1`` runs ``tokenmem.kernels.triton_backend.attention_with_stats`` on small
 random CPU tensors (b=2, hq=8, hkv=2, q=n=65, d=32, causal, left padding on batch row 1, need_mass,
 rows of the newest 8 queries) and reports the normwise error ``max|triton - ref| / max|ref|`` of out,
 mass and rows vs ``tokenmem.kernels.reference`` on the same inputs (float32 and bfloat16).
@@ -323,12 +323,12 @@ def aggregate(runs: list[dict]) -> dict:
 
 def triton_check() -> list[str]:
     """Run the Triton kernels in the interpreter on small CPU tensors vs the reference (in a child)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tokenmem", "kernels", "triton.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tokenmem", "kernels", "triton_backend.py")
     if not os.path.exists(path):
-        return [f"- `tokenmem/kernels/triton.py` is missing ({path}): no Triton agreement check."]
+        return [f"- `tokenmem/kernels/triton_backend.py` is missing ({path}): no Triton agreement check."]
     code = r'''
 import json, torch
-import tokenmem.kernels.triton as tk
+import tokenmem.kernels.triton_backend as tk
 from tokenmem.kernels import reference
 assert tk._INTERPRETED, "TRITON_INTERPRET=1 did not take effect"
 def err(got, want):
@@ -363,7 +363,7 @@ print("@@RESULT@@ " + json.dumps(out))
             res = json.loads(line[len(RESULT_MARK):])
     if res is None:
         tail = " | ".join((proc.stderr or "").strip().splitlines()[-3:])
-        return [f"- `tokenmem/kernels/triton.py` exists but the interpreter check failed (exit {proc.returncode}): {tail}"]
+        return [f"- `tokenmem/kernels/triton_backend.py` exists but the interpreter check failed (exit {proc.returncode}): {tail}"]
     lines = ["Triton interpreter (`TRITON_INTERPRET=1`) vs `tokenmem.kernels.reference`, b=2 hq=8 hkv=2 q=n=65 d=32, "
              "causal, left padding (7 tokens) on row 1, need_mass, rows of the newest 8 queries; error = "
              "max|triton - ref| / max|ref| (reference on the same inputs):", "",

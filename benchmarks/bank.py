@@ -1,4 +1,4 @@
-"""Memory bank (MemLong-style, plugins/bank.py): retrieval exact match with and without the bank.
+"""Memory bank (MemLong-style, tokenmem/bank): retrieval exact match with and without the bank.
 
 What is measured
 ----------------
@@ -66,19 +66,19 @@ def value_positions(tok, record) -> list[int] | None:
 
 
 class ViewRecorder:
-    """Wraps ``memory._attend``: per layer, the positions the latest call attended (live, per KV head) and
+    """Wraps ``memory.attend``: per layer, the positions the latest call attended (live, per KV head) and
     the positions the bank retrieved for it."""
 
     def __init__(self, memory):
         from tokenmem.meta import FLAGS, PAD, POSITION
 
         self.views: dict[int, tuple[list[set], int, int]] = {}
-        original = memory._attend
+        original = memory.attend
 
         def attend(layer_idx, query, *args, **kwargs):
             layer = memory.layers[layer_idx]
             q, attended = query.shape[2], layer.held  # held now includes this call's tokens
-            meta = layer._meta[0, :, : layer.held - q]  # batch 1: [h, n, F] before this call's tokens
+            meta = layer.meta_buffer[0, :, : layer.held - q]  # batch 1: [h, n, F] before this call's tokens
             live = [set(meta[h, (meta[h, :, FLAGS] & PAD) == 0, POSITION].tolist()) for h in range(meta.shape[0])]
             out = original(layer_idx, query, *args, **kwargs)
             bank = memory.bank.layers.get(layer_idx) if memory.bank is not None else None
@@ -91,7 +91,7 @@ class ViewRecorder:
             self.views[layer_idx] = (live, retrieved, attended)
             return out
 
-        memory._attend = attend
+        memory.attend = attend
 
 
 def run_config(model, tok, records, factory, max_new: int) -> dict:
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tokenmem.plugins.bank import Bank
+    from tokenmem.bank import Bank
     from tokenmem.zoo import stdlib_lm_path
     from tokenmem.zoo.lm_tasks import RetrievalTask
     from tokenmem.zoo.planting import VALUE_DIGITS

@@ -34,7 +34,8 @@ from tokenmem.evictor_list import add_evictors_argument
 
 
 def quality(adapter, args, evictor, budget=None, label=None, record_kept=None) -> dict:
-    from tokenmem.adapters.decision import CachedPolicy, ReferencePolicy, rollout
+    from tokenmem.adapters.decision import CachedPolicy, ReferencePolicy
+    from tokenmem.envs.rollout import rollout
     from tokenmem.envs import make_env
 
     returns, lengths, scores, seconds = [], [], [], 0.0

@@ -1,6 +1,6 @@
 """Video QA under a bounded memory: memory and time per answer, plus the memory arithmetic of the 7B model.
 
-Model: a tiny random LLaVA-NeXT-Video built offline (``tokenmem.adapters.video_demo``; CLIP vision tower of
+Model: a tiny random LLaVA-NeXT-Video built offline (``tests/video_fixtures.py``; CLIP vision tower of
 32 px frames, patch 2, and a Llama text model with 4 layers, hidden 256, 8 heads / 2 KV heads: 64 tokens per
 frame), on a synthetic moving-shapes video written with PyAV. For 8 / 32 / 64 frames, ``full`` and
 ``sink`` / ``h2o`` / ``namm`` at a 25% budget (NAMM: the initial scorer, capped by the budget). Evicting
@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 
 def child(args) -> dict:
@@ -125,7 +126,10 @@ def main() -> None:
     import torch
     import transformers
 
-    from tokenmem.adapters.video_demo import build_tiny_llava_next_video, moving_shapes, write_video
+    from tokenmem.adapters.video_io import write_video
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny model and video fixtures
+    from video_fixtures import build_tiny_llava_next_video, moving_shapes
 
     work = tempfile.mkdtemp(prefix="tokenmem-video-bench-")
     model = build_tiny_llava_next_video(os.path.join(work, "model"), frame_size=32, hidden=256, layers=4, heads=8,

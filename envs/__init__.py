@@ -1,13 +1,14 @@
-"""tokenmem.envs: gymnasium MuJoCo tasks, D4RL normalisation, Minari datasets, and the scripts that make
-the offline data (:mod:`.make_dataset`, SAC behaviour policies) and train a Decision Transformer
-(:mod:`.train_dt`). Needs ``pip install tokenmem[rl]`` (``tokenmem[train]`` for the scripts).
+"""tokenmem.envs: gymnasium MuJoCo tasks and D4RL normalisation (:mod:`.mujoco_tasks`), Decision Transformer
+episodes (:mod:`.rollout`), Minari datasets, and the scripts that make the offline data (:mod:`.make_dataset`,
+SAC behaviour policies) and train a Decision Transformer (:mod:`.train_dt`). Needs ``pip install tokenmem[rl]``
+(``tokenmem[train]`` for the scripts). The environment side imports the adapters, never the other way round.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .tasks import TASKS, Task, check_state_dim, get_task, make_env, normalised_score
+from .mujoco_tasks import TASKS, Task, check_state_dim, get_task, make_env, normalised_score
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 SHIPPED_DT = MODELS_DIR / "hopper-medium-dt"

@@ -19,7 +19,7 @@ import numpy as np
 
 from tokenmem.errors import TokenmemError
 
-from .tasks import get_task
+from .mujoco_tasks import get_task
 
 STATE_STD_EPS = 1e-6  # added to the std as in the Decision Transformer's gym experiment code
 

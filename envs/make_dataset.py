@@ -33,7 +33,7 @@ import numpy as np
 from tokenmem.errors import TokenmemError
 
 from .datasets import Episode, write_dataset
-from .tasks import get_task, make_env, normalised_score
+from .mujoco_tasks import get_task, make_env, normalised_score
 
 EVAL_SEED_BASE = 10_000  # evaluation episodes use seeds 10000, 10001, ...
 MEDIUM_FRACTION = 1 / 3  # D4RL's medium policies reach about a third of the expert's return
@@ -86,43 +86,16 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return path if (path / "model.zip").exists() else None
 
 
-def train(args) -> Path:
-    """Train SAC on ``args.env`` for ``args.steps`` steps into ``args.out`` (resumable)."""
-    _sb3()
-    from stable_baselines3 import SAC
+def _checkpointer(args, out: Path, log: dict, log_path: Path, start: int):
+    """The SAC callback that evaluates (and snapshots the policy) every ``eval_every`` steps and checkpoints the
+    model and replay buffer every ``checkpoint_every`` steps (``latest`` moves once the files are complete)."""
     from stable_baselines3.common.callbacks import BaseCallback
-
-    task = get_task(args.env)
-    out = Path(args.out)
-    (out / "snapshots").mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
-    log_path = out / "train.json"
-    env = make_env(args.env)
-    ckpt = _latest_checkpoint(out) if args.resume else None
-    if ckpt is None and (out / "checkpoints" / "latest").exists() and not args.resume:
-        raise TokenmemError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    learning_starts = min(args.learning_starts, max(1, args.steps // 10))
-    if ckpt is not None:
-        model = SAC.load(ckpt / "model.zip", env=env, device="cpu")
-        model.load_replay_buffer(ckpt / "replay.pkl")
-        model.set_random_seed(args.seed + model.num_timesteps)  # fresh noise after the restart, still seeded
-        log = json.loads(log_path.read_text())
-        print(f"resuming from {ckpt} at step {model.num_timesteps}", flush=True)
-    else:
-        model = SAC("MlpPolicy", env, seed=args.seed, device="cpu", learning_starts=learning_starts,
-                    buffer_size=min(1_000_000, args.steps), verbose=0)
-        log = {"env": args.env, "seed": args.seed, "steps": args.steps, "learning_starts": learning_starts,
-               "algorithm": "stable-baselines3 SAC (MlpPolicy, default hyperparameters)", "segments": []}
-    remaining = args.steps - model.num_timesteps
-    if remaining <= 0:
-        print(f"{out}: already trained for {model.num_timesteps} steps", flush=True)
-        return out
 
     class Checkpointer(BaseCallback):
         def __init__(self):
             super().__init__()
             self.t0 = time.perf_counter()
-            self.start = model.num_timesteps
+            self.start = start
             self.bar = None
 
         def _on_training_start(self):
@@ -171,8 +144,43 @@ def train(args) -> Path:
         def _on_training_end(self):
             self.bar.close()
 
+    return Checkpointer()
+
+
+def train(args) -> Path:
+    """Train SAC on ``args.env`` for ``args.steps`` steps into ``args.out`` (resumable)."""
+    _sb3()
+    from stable_baselines3 import SAC
+
+    task = get_task(args.env)
+    out = Path(args.out)
+    (out / "snapshots").mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    log_path = out / "train.json"
+    env = make_env(args.env)
+    ckpt = _latest_checkpoint(out) if args.resume else None
+    if ckpt is None and (out / "checkpoints" / "latest").exists() and not args.resume:
+        raise TokenmemError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    learning_starts = min(args.learning_starts, max(1, args.steps // 10))
+    if ckpt is not None:
+        model = SAC.load(ckpt / "model.zip", env=env, device="cpu")
+        model.load_replay_buffer(ckpt / "replay.pkl")
+        model.set_random_seed(args.seed + model.num_timesteps)  # fresh noise after the restart, still seeded
+        log = json.loads(log_path.read_text())
+        print(f"resuming from {ckpt} at step {model.num_timesteps}", flush=True)
+    else:
+        model = SAC("MlpPolicy", env, seed=args.seed, device="cpu", learning_starts=learning_starts,
+                    buffer_size=min(1_000_000, args.steps), verbose=0)
+        log = {"env": args.env, "seed": args.seed, "steps": args.steps, "learning_starts": learning_starts,
+               "algorithm": "stable-baselines3 SAC (MlpPolicy, default hyperparameters)", "segments": []}
+    remaining = args.steps - model.num_timesteps
+    if remaining <= 0:
+        print(f"{out}: already trained for {model.num_timesteps} steps", flush=True)
+        return out
+
     _write_json(log_path, log)
-    model.learn(total_timesteps=remaining, reset_num_timesteps=False, callback=Checkpointer())
+    model.learn(total_timesteps=remaining, reset_num_timesteps=False,
+                callback=_checkpointer(args, out, log, log_path, model.num_timesteps))
     env.close()
     return out
 

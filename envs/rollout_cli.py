@@ -39,7 +39,7 @@ def add_parser(sub, budget_type) -> None:
 
 
 def _policy(adapter, args):
-    from tokenmem.adapters.decision import make_policy
+    from .rollout import make_policy
 
     options = {}
     evictor = args.evictor
@@ -59,7 +59,7 @@ def _policy(adapter, args):
 def check_renderer(env_id: str) -> None:
     """Raise a clear error when MuJoCo cannot render offscreen here (before any episode runs)."""
     os.environ.setdefault("MUJOCO_GL", "egl")
-    from .tasks import make_env
+    from .mujoco_tasks import make_env
 
     try:
         env = make_env(env_id, render_mode="rgb_array")
@@ -88,10 +88,12 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from tokenmem.adapters.decision import DecisionAdapter, rollout
+    from tokenmem.adapters.decision import DecisionAdapter
+
+    from .rollout import rollout
 
     from . import shipped_dt_path
-    from .tasks import get_task, make_env
+    from .mujoco_tasks import get_task, make_env
 
     torch.set_num_threads(args.threads)
     task = get_task(args.env)

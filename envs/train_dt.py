@@ -34,7 +34,7 @@ import torch
 from tokenmem.errors import TokenmemError
 
 from .datasets import Episode, episodes_of, load_dataset, state_stats
-from .tasks import get_task
+from .mujoco_tasks import get_task
 
 
 def build_model(state_dim: int, act_dim: int, args):
@@ -99,6 +99,40 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _dt_step(model, optimizer, scheduler, batch: dict, grad_clip: float) -> torch.Tensor:
+    """One optimiser step on the action MSE over the real (unpadded) timesteps; returns the loss."""
+    target = batch["actions"].clone()
+    out = model(**batch, return_dict=True)
+    mask = batch["attention_mask"].bool()
+    loss = torch.mean((out.action_preds[mask] - target[mask]) ** 2)
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss
+
+
+def _finish(args, out: Path, model, env_id: str, step: int, start_step: int, seconds: float, log: list) -> dict:
+    """Save ``OUT/model``, evaluate it when asked, write ``OUT/summary.json`` (and the export); the summary."""
+    model.eval()
+    model.save_pretrained(out / "model")
+    summary = {"dataset": args.dataset, "env": env_id, "seed": args.seed, "steps": step,
+               "steps_this_run": step - start_step, "seconds_this_run": seconds,
+               "steps_per_second": (step - start_step) / max(seconds, 1e-9), "final_loss": log[-1]["loss"] if log else None,
+               "settings": {k: v for k, v in vars(args).items() if k not in ("no_progress",)}}
+    if args.eval_episodes:
+        summary["eval"] = evaluate(out / "model", env_id, args.eval_episodes, args.eval_seed, args.eval_batch)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if args.export:
+        export = Path(args.export)
+        if export.exists():
+            shutil.rmtree(export)
+        shutil.copytree(out / "model", export)
+        (export / "training.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def train(args) -> dict:
     """Train (or resume) and save ``OUT/model``; returns the run summary (also ``OUT/summary.json``)."""
     dataset = load_dataset(args.dataset, root=args.root, env_id=args.env)
@@ -145,16 +179,7 @@ def train(args) -> dict:
     deadline = None if args.time_limit is None else t0 + 60 * args.time_limit
     bar = tqdm(total=args.steps, initial=step, desc="DT", disable=args.no_progress, mininterval=5)
     while step < args.steps:
-        batch = sampler.sample(rng, args.batch_size)
-        target = batch["actions"].clone()
-        out_ = model(**batch, return_dict=True)
-        mask = batch["attention_mask"].bool()
-        loss = torch.mean((out_.action_preds[mask] - target[mask]) ** 2)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        loss = _dt_step(model, optimizer, scheduler, sampler.sample(rng, args.batch_size), args.grad_clip)
         step += 1
         losses.append(loss.item())
         bar.update(1)
@@ -171,30 +196,16 @@ def train(args) -> dict:
             break
     bar.close()
     checkpoint()
-    seconds = time.perf_counter() - t0
-    model.eval()
-    model.save_pretrained(out / "model")
-    summary = {"dataset": args.dataset, "env": env_id, "seed": args.seed, "steps": step,
-               "steps_this_run": step - start_step, "seconds_this_run": seconds,
-               "steps_per_second": (step - start_step) / max(seconds, 1e-9), "final_loss": log[-1]["loss"] if log else None,
-               "settings": {k: v for k, v in vars(args).items() if k not in ("no_progress",)}}
-    if args.eval_episodes:
-        summary["eval"] = evaluate(out / "model", env_id, args.eval_episodes, args.eval_seed, args.eval_batch)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    if args.export:
-        export = Path(args.export)
-        if export.exists():
-            shutil.rmtree(export)
-        shutil.copytree(out / "model", export)
-        (export / "training.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return _finish(args, out, model, env_id, step, start_step, time.perf_counter() - t0, log)
 
 
 def evaluate(model_path, env_id: str, episodes: int, seed: int, batch: int) -> dict:
     """Reference-loop rollouts (the official example's) over ``episodes`` seeds; D4RL-normalised scores."""
-    from tokenmem.adapters.decision import DecisionAdapter, ReferencePolicy, rollout
+    from tokenmem.adapters.decision import DecisionAdapter, ReferencePolicy
 
-    from .tasks import make_env
+    from .rollout import rollout
+
+    from .mujoco_tasks import make_env
 
     adapter = DecisionAdapter.from_pretrained(str(model_path))
     returns, lengths = [], []
@@ -204,7 +215,7 @@ def evaluate(model_path, env_id: str, episodes: int, seed: int, batch: int) -> d
         result = rollout(adapter, ReferencePolicy(adapter), [make_env(env_id) for _ in chunk], chunk)
         returns += result.returns.tolist()
         lengths += result.lengths.tolist()
-    from .tasks import normalised_score
+    from .mujoco_tasks import normalised_score
 
     scores = normalised_score(env_id, returns)
     print(f"evaluation over {episodes} seeds: return {np.mean(returns):.1f} ± {np.std(returns):.1f}, "

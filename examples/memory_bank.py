@@ -12,7 +12,7 @@ import argparse
 import tempfile
 
 import tokenmem
-from tokenmem.plugins.bank import Bank
+from tokenmem.bank import Bank
 from tokenmem.zoo.lm_tasks import RetrievalTask, retrieved_value
 
 parser = argparse.ArgumentParser()

@@ -8,11 +8,15 @@ With a real local checkpoint and a video:
 """
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 from tokenmem.adapters import VideoQA
-from tokenmem.adapters.video_demo import build_tiny_llava_next_video, moving_shapes, write_video
+from tokenmem.adapters.video_io import write_video
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny model and video fixtures
+from video_fixtures import build_tiny_llava_next_video, moving_shapes  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=None)

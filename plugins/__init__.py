@@ -1,4 +1,5 @@
-"""tokenmem.plugins: the evictors. Importing this package registers every built-in evictor."""
+"""tokenmem.plugins: the evictors, one module each (``namm`` is a package). Importing this package registers
+every built-in evictor; ``import tokenmem`` does (top-down: the core never imports the plugins)."""
 
 from . import full, h2o, namm, random_keep, recent, separator, sink  # noqa: F401  (registration side effects)
 from . import ada, expected_attention, infinipot_v, keydiff, knorm, pyramid, snapkv, tova  # noqa: F401  (the evictor zoo)

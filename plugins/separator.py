@@ -19,6 +19,7 @@ _SEPARATOR_BONUS = float(2**40)
 @register_evictor("separator")
 class SeparatorEvictor(Evictor):
     name = "separator"
+    needs_separators = True
     description = "SepLLM: first 3 tokens + every separator (. , ? ! ; : space tab newline) + recent tokens"
 
     def __init__(self, n_initial: int = 3, n_recent: int | float = 0.25):

@@ -83,7 +83,7 @@ def padded_batch(batch: int, length: int, seed: int = 0, pad: int = 5):
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     """A byte-level BPE tokenizer trained offline on a few sentences, saved as a transformers fast tokenizer."""
-    from tokenmem.demo import train_byte_bpe
+    from tokenmem.zoo.tokenizer import train_byte_bpe
 
     text = [
         "def add(a, b):\n    return a + b\n",

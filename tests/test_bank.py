@@ -1,4 +1,4 @@
-"""The MemLong-style memory bank (plugins/bank.py): nothing lost, exact when everything is retrieved, identical
+"""The MemLong-style memory bank (tokenmem/bank): nothing lost, exact when everything is retrieved, identical
 to the evictor alone when nothing is, bounded device memory on a 100k-token stream, spill integrity, the
 least-retrieved dropping policy, and retrieval of the chunk a query matches."""
 
@@ -13,7 +13,7 @@ import tokenmem
 from conftest import Chooser, padded_batch, tiny_model, twin
 from tokenmem.attention import tokenmem_attention
 from tokenmem.meta import FLAGS, PAD, POSITION, ROPE, TOKEN
-from tokenmem.plugins.bank import Bank, BankError
+from tokenmem.bank import Bank, BankError
 from tokenmem.plugins.namm import NAMM, NAMMConfig
 from tokenmem.plugins.namm.scorer import num_params
 
@@ -205,13 +205,13 @@ def test_device_memory_bound_on_a_100k_token_stream():
     bank = Bank(chunk_size=chunk, retrieve=retrieve, retrieve_every=4, max_chunks=limit)
     memory = tokenmem.TokenMemory(model, "sink", budget=budget, interval=interval, bank=bank)
     attended = []
-    kernel = memory._kernel
+    kernel = memory.kernel
 
     def watching(extra, query, keys, values, **kwargs):  # keys on the device in one attention call
         attended.append(keys.shape[2] + (0 if extra is None else extra.size))
         return kernel(extra, query, keys, values, **kwargs)
 
-    memory._kernel = watching
+    memory.kernel = watching
     g = torch.Generator().manual_seed(0)
     total = 100_000
     with torch.no_grad():

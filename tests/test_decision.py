@@ -13,7 +13,8 @@ pytest.importorskip("gymnasium")
 from decision_support import ACT_DIM, STATE_DIM, one_thread, save_tiny_dt  # noqa: F401  (fixture)
 
 import tokenmem
-from tokenmem.adapters.decision import CachedPolicy, DecisionAdapter, ReferencePolicy, rollout
+from tokenmem.adapters.decision import CachedPolicy, DecisionAdapter, ReferencePolicy
+from tokenmem.envs.rollout import rollout
 from tokenmem.envs import make_env
 from tokenmem.errors import TokenmemError
 from tokenmem.meta import MODALITIES

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from tokenmem.errors import TokenmemError  # noqa: E402
 from tokenmem.kernels import reference  # noqa: E402
-from tokenmem.kernels import triton as tk  # noqa: E402
+from tokenmem.kernels import triton_backend as tk  # noqa: E402
 
 if not tk._INTERPRETED and not torch.cuda.is_available():
     pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)

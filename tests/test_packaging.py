@@ -23,7 +23,10 @@ def test_wheel_contains_and_imports_the_mapped_packages(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("tokenmem/memory.py", "tokenmem/kernels/reference.py", "tokenmem/plugins/sink.py",
                  "tokenmem/plugins/h2o.py", "tokenmem/adapters/text.py", "tokenmem/envs/__init__.py",
-                 "tokenmem/kernels/colmass.cpp", "tokenmem/zoo/models/shapes-llava-video/model.safetensors"):
+                 "tokenmem/kernels/colmass.cpp", "tokenmem/zoo/models/shapes-llava-video/model.safetensors",
+                 "tokenmem/bank/store.py", "tokenmem/kernels/triton_backend.py", "tokenmem/adapters/base.py",
+                 "tokenmem/zoo/models/stdlib-llama/model.safetensors", "tokenmem/zoo/scorers/language/scorer.json",
+                 "tokenmem/zoo/data/lm_tasks/retrieval-eval.jsonl", "tokenmem/envs/models/hopper-medium-dt/config.json"):
         assert name in names
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
@@ -32,6 +35,7 @@ def test_wheel_contains_and_imports_the_mapped_packages(tmp_path):
         "import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
         f"sys.path.insert(0, {str(target)!r}); "
         "import tokenmem, tokenmem.plugins.sink, tokenmem.adapters.text; "
+        "from tokenmem.bank import Bank; from tokenmem.plugins.namm import NAMM; NAMM.pretrained('language'); "
         "print(tokenmem.plugins.sink.__file__); print(sorted(tokenmem.list_evictors()))"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout

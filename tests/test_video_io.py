@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from tokenmem.adapters import video_io
-from tokenmem.adapters.video_demo import moving_shapes, solid_frames, write_video
-from tokenmem.adapters.video_io import VideoError, read_video, sample_indices
+from tokenmem.adapters.video_io import VideoError, read_video, sample_indices, write_video
+from video_fixtures import moving_shapes, solid_frames
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0), (255, 255, 0),
            (0, 255, 255), (128, 64, 200), (30, 200, 90), (200, 120, 20), (90, 90, 90), (250, 10, 160)]

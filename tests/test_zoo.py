@@ -177,7 +177,7 @@ def test_shipped_video_model_answers_held_out_clips_well_above_chance():
 
 def test_demo_runs_every_evictor_and_the_bank_recovers_the_value(capsys):
     """`tokenmem demo` (the README's main command) on the shipped models and scorer: language, video, RL."""
-    from tokenmem.demo import run
+    from tokenmem.zoo.demo import run
 
     assert run() == 0
     out = capsys.readouterr().out

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tokenmem.adapters.video_demo import build_tiny_llava_next_video, moving_shapes, write_video
+from tokenmem.adapters.video_io import write_video
+from video_fixtures import build_tiny_llava_next_video, moving_shapes
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,20 @@
 >>> memory.stats()
 """
 
-from .attention import prepare_model, restore_model
+from .config import MemoryConfig
 from .errors import BudgetError, MemoryStateError, TokenmemError, UnknownEvictorError, UnsupportedModelError
 from .evictor import Evictor, LayerView, get_evictor, list_evictors, register_evictor
-from .memory import TokenMemory, select_kept
+from .memory import TokenMemory
 from .meta import MODALITIES, TokenMeta
+from .model import prepare_model, restore_model
+from .selection import select_kept
+
+# Top-down registration: the package (not the core modules) loads the built-in evictors, and tells the NAMM
+# plugin where the scorers tokenmem ships live.
+from . import plugins  # noqa: E402  (registers full, recent, sink, separator, h2o, random, namm)
+from .zoo import SCORERS_DIR as _SHIPPED_SCORERS  # noqa: E402
+
+plugins.namm.register_scorer_dir(_SHIPPED_SCORERS)
 
 __version__ = "0.1.0"
 
@@ -19,6 +28,7 @@ __all__ = [
     "Evictor",
     "LayerView",
     "MODALITIES",
+    "MemoryConfig",
     "MemoryStateError",
     "TokenMemory",
     "TokenMeta",

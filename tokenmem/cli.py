@@ -74,7 +74,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from . import demo
+    from tokenmem.zoo import demo
 
     return demo.run(model_path=args.model, budget=args.budget)
 

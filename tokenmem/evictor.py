@@ -5,11 +5,17 @@ marks the ones that must stay (``protect``). Budget enforcement is the memory's 
 protected tokens plus the best-scored ones up to the budget. An evictor may keep per-token state
 (declared by :meth:`Evictor.state_spec`), which the memory stores and compacts together with the tokens.
 An evictor never touches another layer's tensors and never allocates ``tokens x tokens``.
+
+What an evictor needs from the memory it declares as class attributes (``needs_separators``,
+``needs_stats``, ``stats_window`` / ``rows_chunk``, ``default_interval``, ``threshold``, ``evicts``,
+:meth:`~Evictor.state_spec`); the memory reads those and never the evictor's name.
+
+The registry maps names to factories. The built-in evictors (``tokenmem.plugins``) are registered by the
+package itself (``tokenmem/__init__.py`` imports them), not by this module.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,12 +40,17 @@ class LayerView:
     budget: int  # tokens per (batch, head) the memory is about to keep
     new_tokens: int  # tokens appended by the latest call
     rows: torch.Tensor | None = None  # [b, h, r, n] float32: attention rows of the newest r queries (oldest first)
-    extras: dict = field(default_factory=dict)
-    _layer: object = field(default=None, repr=False)
+    rows_window: object = field(default=None, repr=False)  # where consume_rows reports (the layer or a scratch)
+
+    @property
+    def extras(self) -> dict:
+        """Deprecated, always empty (kept so that evictors written against it still run): what an evictor
+        needs is declared on the evictor (``needs_stats``, ``stats_window``, ...) and arrives in the fields."""
+        return {}
 
     def consume_rows(self, count: int) -> None:
         """Tell the memory the ``count`` oldest rows in :attr:`rows` are folded into the evictor's state."""
-        self._layer.consume_rows(count)
+        self.rows_window.consume_rows(count)
 
     @property
     def num_tokens(self) -> int:
@@ -61,11 +72,22 @@ class LayerView:
         return valid & (rank <= count)
 
 
+DEFAULT_INTERVAL = 64  # new tokens between evictions during decoding, unless the evictor declares another
+
+
 class Evictor:
-    """Base class of evictors. Subclasses set ``name``/``description`` and implement :meth:`score`."""
+    """Base class of evictors. Subclasses set ``name``/``description`` and implement :meth:`score`.
+
+    The class attributes below declare what the evictor needs; the memory reads them (and nothing else:
+    an evictor's ``name`` is for people and the registry only)."""
 
     name: str = "evictor"
     description: str = ""
+    #: True when the evictor reads the ``separator`` flag (SepLLM): the memory must know the separator token
+    #: ids (``separator_ids=``, ``tokenizer=``, or the tokenizer saved beside a local model) and flags them.
+    needs_separators: bool = False
+    #: New tokens between evictions during decoding when ``TokenMemory(interval=None)``.
+    default_interval: int = DEFAULT_INTERVAL
     #: False for evictors that never remove anything (``full``): the memory skips eviction.
     evicts: bool = True
     #: True when :meth:`observe` needs the per-key attention mass from the statistics attention.
@@ -120,7 +142,6 @@ class _Entry:
 
 
 _REGISTRY: dict[str, _Entry] = {}
-_BUILTINS_LOADED = False
 
 
 def register_evictor(name: str, description: str | None = None):
@@ -134,17 +155,24 @@ def register_evictor(name: str, description: str | None = None):
     return wrap
 
 
-def _load_builtins() -> None:
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        importlib.import_module("tokenmem.plugins")
-
-
 def list_evictors() -> dict[str, str]:
     """Registered evictor names with their one-line descriptions."""
-    _load_builtins()
     return {name: entry.description for name, entry in sorted(_REGISTRY.items())}
+
+
+def check_evictor(evictor) -> None:
+    """Raise when ``evictor`` is neither a registered name nor an :class:`Evictor` (nothing is built)."""
+    if isinstance(evictor, Evictor):
+        return
+    if not isinstance(evictor, str):
+        raise TokenmemError(
+            f"evictor must be a registered name or an Evictor object, got {type(evictor).__name__}"
+        )
+    if evictor not in _REGISTRY:
+        raise UnknownEvictorError(
+            f"unknown evictor {evictor!r}; registered evictors: {', '.join(sorted(_REGISTRY))} "
+            "(`tokenmem evictors` lists them; register your own with tokenmem.register_evictor)"
+        )
 
 
 def get_evictor(evictor: str | Evictor, **kwargs) -> Evictor:
@@ -153,19 +181,9 @@ def get_evictor(evictor: str | Evictor, **kwargs) -> Evictor:
         if kwargs:
             raise TokenmemError("evictor options can only be given with an evictor name, not with an Evictor object")
         return evictor
-    if not isinstance(evictor, str):
-        raise TokenmemError(
-            f"evictor must be a registered name or an Evictor object, got {type(evictor).__name__}"
-        )
-    _load_builtins()
-    entry = _REGISTRY.get(evictor)
-    if entry is None:
-        raise UnknownEvictorError(
-            f"unknown evictor {evictor!r}; registered evictors: {', '.join(sorted(_REGISTRY))} "
-            "(`tokenmem evictors` lists them; register your own with tokenmem.register_evictor)"
-        )
+    check_evictor(evictor)
     try:
-        return entry.factory(**kwargs)
+        return _REGISTRY[evictor].factory(**kwargs)
     except TypeError as exc:
         raise TokenmemError(f"bad options for evictor {evictor!r}: {exc}") from exc
 

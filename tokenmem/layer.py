@@ -3,78 +3,29 @@ attention-row window), compaction, and the transformers v5 cache-layer API."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from . import kernels
-from .attention import _set_pending
+from .attention import expect_attention
 from .errors import MemoryStateError, TokenmemError
-from .meta import FIELDS, MODALITIES, TokenMeta
-
-if TYPE_CHECKING:
-    from .memory import TokenMemory
+from .meta import FIELDS, TokenMeta
 
 CROP_ERROR = ("a TokenMemory cannot be cropped (evicted tokens cannot be restored); "
               "use a DynamicCache for assisted/speculative decoding")
 
 
-def select_kept(scores: torch.Tensor, protect: torch.Tensor, valid: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices ``[b, h, keep]`` (ascending) of the tokens to keep: protected first, then highest score,
-    ties broken in favour of newer tokens (deterministic on every device); padding last.
-    ``scores``/``protect``/``valid`` are ``[b, h, n]`` in slot (= position) order."""
-    key = torch.where(valid, scores.to(torch.float32), float("-inf"))
-    key = torch.where(protect, float("inf"), key)
-    n = key.shape[-1]
-    # a stable sort of the slots newest-first: among equal keys the newer slot comes first
-    order = torch.sort(key.flip(-1), dim=-1, descending=True, stable=True).indices[..., :keep]
-    return torch.sort(n - 1 - order, dim=-1).values
-
-
-def whole_segments(meta: TokenMeta, scores: torch.Tensor, protect: torch.Tensor, valid: torch.Tensor,
-                   keep: int | None, threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segment-granularity selection (``TokenMemory(evict_unit="segment")``): ``(protect, eligible)``, bool
-    ``[b, h, n]``, where whole *units* are kept or dropped.
-
-    A unit is all tokens of one segment (a video frame, a timestep) for tokens that are not text and have a
-    segment >= 0; every other token is a unit of its own. A unit scores the mean of its tokens' scores and is
-    protected whole when any of its tokens is protected. Units are taken protected first, then by score (ties:
-    the unit with the newest token first), as long as their tokens fit in ``keep`` (``None``: no cap); a
-    threshold evictor also needs its unit's score >= ``threshold``. Filling stops at the first unit that does
-    not fit, so fewer than ``keep`` tokens may stay, never more. Padding (``~valid``) belongs to no unit.
-    """
-    b, h, n = scores.shape
-    grouped = (meta.segment >= 0) & (meta.modality != MODALITIES["text"])
-    segment_ids = torch.unique(torch.where(grouped, meta.segment, -1), return_inverse=True)[1]  # compact ids
-    slot = torch.arange(n, device=scores.device).expand(b, h, n)
-    units = int(segment_ids.max()) + 1 + n
-    unit = torch.where(grouped, segment_ids, units - n + slot)  # [b, h, n] unit of each token
-    zeros = torch.zeros(b, h, units, device=scores.device)
-    size = zeros.scatter_add(2, unit, valid.float())  # [b, h, units] tokens per unit
-    total = zeros.scatter_add(2, unit, torch.where(valid, scores.float(), 0.0))
-    guarded = zeros.scatter_reduce(2, unit, (protect & valid).float(), "amax") > 0
-    newest = zeros.scatter_reduce(2, unit, torch.where(valid, slot, -1).float(), "amax")
-    key = torch.where(guarded, float("inf"), total / size.clamp(min=1))
-    key = torch.where(size > 0, key, float("-inf"))
-    # order units by key (descending), ties towards the newest unit: a stable sort of a newest-first order
-    order = torch.sort(newest, dim=-1, descending=True, stable=True).indices
-    order = order.gather(2, torch.sort(key.gather(2, order), dim=-1, descending=True, stable=True).indices)
-    fits = size.gather(2, order).cumsum(-1) <= (n if keep is None else keep)
-    if threshold is not None:
-        fits &= key.gather(2, order) >= threshold
-    kept = torch.zeros_like(fits).scatter(2, order, fits)
-    return guarded.gather(2, unit) & valid, kept.gather(2, unit) & valid
-
-
 class MemoryLayer(CacheLayerMixin):
-    """One layer of a :class:`TokenMemory` (transformers v5 cache-layer API)."""
+    """One layer of a :class:`~tokenmem.TokenMemory` (transformers v5 cache-layer API).
+
+    ``memory`` is the owning memory: the layer reads its evictor's declarations (``state_spec``,
+    ``stats_window``), its ``interval``, its model context and its bank."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, memory: "TokenMemory", index: int):
+    def __init__(self, memory, index: int):
         self.memory = memory
         self.index = index
         self.is_initialized = False
@@ -107,6 +58,19 @@ class MemoryLayer(CacheLayerMixin):
     def values(self, value):
         if value is not None:
             raise MemoryStateError("TokenMemory layers cannot be assigned values directly; use update()")
+
+    # the whole buffers (``capacity`` slots; the first ``held`` are live): the memory writes through them
+    @property
+    def key_buffer(self) -> torch.Tensor | None:
+        return self._k
+
+    @property
+    def value_buffer(self) -> torch.Tensor | None:
+        return self._v
+
+    @property
+    def meta_buffer(self) -> torch.Tensor | None:
+        return self._meta
 
     @property
     def packed_meta(self) -> torch.Tensor:
@@ -212,7 +176,7 @@ class MemoryLayer(CacheLayerMixin):
         self.since_evict += q
         self.pending = q
         keys = self._k[:, :, :needed]
-        _set_pending(self.memory, self.index, keys)
+        expect_attention(self.memory, self.index, keys)
         return keys, self._v[:, :, :needed]
 
     def get_seq_length(self) -> int:

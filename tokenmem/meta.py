@@ -151,3 +151,62 @@ class TokenMeta:
 
     def modality_is(self, name: str) -> torch.Tensor:
         return self.modality == modality_code(name)
+
+
+# -- the metadata of one forward call's new tokens (built by the memory at the call's first layer) ----------
+def rope_rows(position_ids: torch.Tensor) -> torch.Tensor:
+    """The rotary position the memory stores (``TokenMeta.rope``) from position ids with a leading axis:
+    M-RoPE's ``[3, b, q]`` (temporal, height, width) gives its temporal row; ``[4, b, q]`` (text positions
+    prepended, as transformers' Qwen2-VL passes them) its second row, the temporal one."""
+    return position_ids[1] if position_ids.shape[0] == 4 else position_ids[0]
+
+
+def pack_call(batch: int, tokens: int, start: int, device, *, annotation: "TokenMeta | None" = None,
+              input_ids: torch.Tensor | None = None, separator_ids: torch.Tensor | None = None,
+              mask2d: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+              mrope_position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+    """Packed metadata ``[batch, tokens, FIELDS]`` of a forward call's new tokens, and whether any is padding.
+
+    Positions count from ``start`` (tokens seen before the call); ``annotation`` (from ``memory.annotate``)
+    gives modality, segment, flags and token (an annotated token >= 0 wins over the input id); ``input_ids``
+    fill the token field and, with ``separator_ids``, the separator flag; ``mask2d`` (the 2D attention mask
+    over every token seen) marks padding; ``position_ids`` (``[b, q]``, ``[1, q]``, or with a leading M-RoPE
+    axis) or else ``mrope_position_ids`` give the rotary position (see :func:`rope_rows`), by default the
+    stream position.
+    """
+    b, q = batch, tokens
+    meta = torch.zeros(b, q, FIELDS, dtype=torch.long, device=device)
+    meta[..., POSITION] = torch.arange(start, start + q, device=device)
+    if annotation is not None:
+        if tuple(annotation.position.shape) != (b, q):
+            raise TokenmemError(
+                f"memory.annotate() got metadata for {tuple(annotation.position.shape)} tokens but the forward call "
+                f"appends {b} x {q}; annotate exactly the tokens of the next call"
+            )
+        packed = annotation.pack().to(device)
+        for col in (MODALITY, SEGMENT, FLAGS):
+            meta[..., col] = packed[..., col]
+        meta[..., TOKEN] = packed[..., TOKEN]
+    else:
+        meta[..., TOKEN] = -1
+    if input_ids is not None and tuple(input_ids.shape) == (b, q):
+        ids = input_ids.to(device)
+        meta[..., TOKEN] = torch.where(meta[..., TOKEN] >= 0, meta[..., TOKEN], ids)  # annotated values win
+        if separator_ids is not None:
+            is_sep = torch.isin(ids, separator_ids.to(device))
+            meta[..., FLAGS] |= is_sep.long() * SEPARATOR
+    padded = False
+    if mask2d is not None:
+        pad = ~mask2d[:, -q:].to(device=device, dtype=torch.bool)
+        if bool(pad.any()):
+            padded = True
+            meta[..., FLAGS] |= pad.long() * PAD
+    if position_ids is not None and position_ids.dim() == 3:  # M-RoPE handed to attention
+        mrope_position_ids, position_ids = position_ids, None
+    if mrope_position_ids is not None and mrope_position_ids.shape[-1] == q:
+        meta[..., ROPE] = rope_rows(mrope_position_ids).to(device).reshape(-1, q).expand(b, q)
+    elif position_ids is not None and position_ids.shape[-1] == q:
+        meta[..., ROPE] = position_ids.to(device).reshape(-1, q).expand(b, q)
+    else:
+        meta[..., ROPE] = meta[..., POSITION]
+    return meta, padded

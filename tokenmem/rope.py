@@ -4,7 +4,8 @@ Rotary embeddings compose: rotating a vector rotated at position ``p`` by ``delt
 rotated at ``p + delta``. So a key cached at position ``p`` moves to slot position ``t`` by one rotation
 of ``t - p``, without recomputing it (StreamingLLM, Xiao et al. 2023, assigns positions inside the
 cache this way). The half-split layout (``rotate_half``) of Llama, Mistral and Qwen2 is assumed;
-models with a partial rotary dimension rotate only the first ``2 * len(inv_freq)`` channels.
+models with a partial rotary dimension rotate only the first ``2 * len(inv_freq)`` channels. Multimodal
+RoPE (Qwen2-VL's per-axis sections) is not re-rotated: a memory on such a model refuses ``shift``.
 """
 
 from __future__ import annotations
@@ -23,3 +24,28 @@ def rotate_by(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> t
     if rot_dim == x.shape[-1]:
         return rotated
     return torch.cat((rotated, x[..., rot_dim:]), dim=-1)
+
+
+def rotate_to_slots(keys: torch.Tensor, rope: torch.Tensor, start: int, inv_freq: torch.Tensor) -> torch.Tensor | None:
+    """Re-rotate cached keys to positions equal to their slots, in place.
+
+    ``keys [b, h, m, d]`` and ``rope [b, h, m]`` (the positions they are rotated at now) are views of the
+    slots ``start .. start + m - 1``; both are updated. Returns the rotation ``[b, h, m]`` applied, or None
+    when every key was already in place."""
+    target = torch.arange(start, start + keys.shape[2], device=rope.device)
+    delta = target - rope
+    if not bool((delta != 0).any()):
+        return None
+    keys[...] = rotate_by(keys, delta, inv_freq)
+    rope[...] = target
+    return delta
+
+
+def shift_call(keys: torch.Tensor, rope: torch.Tensor, start: int, query: torch.Tensor,
+               inv_freq: torch.Tensor) -> torch.Tensor:
+    """``shift`` mode for a call's new tokens (slots ``start ..``, views as in :func:`rotate_to_slots`): their
+    keys move to their slot positions and the call's queries ``[b, hq, q, d]`` with them; returns the queries."""
+    delta = rotate_to_slots(keys, rope, start, inv_freq)
+    if delta is not None:  # queries share their tokens' positions: the delta of the first KV head
+        query = rotate_by(query, delta[:, :1], inv_freq)
+    return query

@@ -15,6 +15,9 @@ Per update (every ``interval`` tokens, which the memory runs as an eviction):
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from tokenmem.errors import TokenmemError
@@ -22,7 +25,19 @@ from tokenmem.evictor import Evictor, LayerView, register_evictor
 
 from .config import NAMMConfig
 from .features import normalise, recency_features, update_ema, update_ema_aligned
+from .io import read_scorer, write_scorer
 from .scorer import bam_scores, initial_params, num_params, unflatten
+
+#: Directories whose sub-directories are shipped scorers (``NAMM.pretrained(name)``); the tokenmem package
+#: registers its own (``tokenmem/zoo/scorers``) when it is imported.
+SCORER_DIRS: list[Path] = []
+
+
+def register_scorer_dir(path) -> None:
+    """Make the scorers in the sub-directories of ``path`` loadable by name with :meth:`NAMM.pretrained`."""
+    path = Path(path)
+    if path not in SCORER_DIRS:
+        SCORER_DIRS.append(path)
 
 
 @register_evictor("namm")
@@ -55,30 +70,26 @@ class NAMM(Evictor):
     # -- scorer files ------------------------------------------------------------------------------
     @classmethod
     def from_file(cls, path) -> "NAMM":
-        from .io import load_scorer
-
-        return load_scorer(path)
+        return cls(*read_scorer(path))
 
     @classmethod
     def pretrained(cls, name: str = "language") -> "NAMM":
         """A scorer shipped with tokenmem: ``"language"``, evolved on the shipped standard-library model's
         code-completion and retrieval tasks (``tokenmem/zoo/scorers/language``, with its evolution log),
-        and used unchanged on every modality."""
-        from tokenmem.zoo import SCORERS_DIR
-
-        path = SCORERS_DIR / name
-        if not (path / "scorer.json").exists():
-            known = sorted(p.name for p in SCORERS_DIR.iterdir() if (p / "scorer.json").exists()) if SCORERS_DIR.exists() else []
-            raise TokenmemError(f"no shipped NAMM scorer named {name!r} (looked in {path}); shipped: "
-                                f"{', '.join(known) or 'none'}; load your own with NAMM.from_file(path)")
-        return cls.from_file(path)
+        and used unchanged on every modality. Looked up in :data:`SCORER_DIRS`."""
+        for root in SCORER_DIRS:
+            if (root / name / "scorer.json").exists():
+                return cls.from_file(root / name)
+        looked = ", ".join(str(root / name) for root in SCORER_DIRS) or "no scorer directory is registered"
+        known = sorted(p.name for root in SCORER_DIRS if root.exists() for p in root.iterdir()
+                       if (p / "scorer.json").exists())
+        raise TokenmemError(f"no shipped NAMM scorer named {name!r} (looked in {looked}); shipped: "
+                            f"{', '.join(known) or 'none'}; load your own with NAMM.from_file(path)")
 
     @classmethod
     def load(cls, spec) -> "NAMM":
         """``spec``: a shipped scorer's name (``"language"``), ``"initial"`` (the untrained initial scorer),
         or a scorer directory/file path."""
-        import os
-
         if spec == "initial":
             return cls()
         if os.path.exists(str(spec)):
@@ -89,9 +100,7 @@ class NAMM(Evictor):
         return cls.pretrained(str(spec))
 
     def save(self, path) -> None:
-        from .io import save_scorer
-
-        save_scorer(self, path)
+        write_scorer(path, self.config, self.params, self.norm_mean, self.norm_var)
 
     def with_params(self, params: torch.Tensor) -> "NAMM":
         """A NAMM with the same config and normalisation and another parameter vector."""
@@ -179,3 +188,13 @@ class NAMM(Evictor):
 
     def __repr__(self) -> str:
         return f"NAMM(interval={self.config.interval}, threshold={self.config.threshold})"
+
+
+def load_scorer(path) -> NAMM:
+    """A NAMM from a scorer directory (``scorer.json`` + ``scorer.safetensors``)."""
+    return NAMM.from_file(path)
+
+
+def save_scorer(namm: NAMM, path) -> None:
+    """Write ``namm``'s scorer files to the directory ``path``."""
+    namm.save(path)

@@ -17,20 +17,19 @@ FORMAT = "tokenmem-namm-scorer"
 FORMAT_VERSION = 1
 
 
-def save_scorer(namm, path) -> None:
+def write_scorer(path, cfg: NAMMConfig, params, norm_mean, norm_var) -> None:
+    """Write a scorer directory: the parameter vector and normalisation buffers, and the config."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = namm.config
-    save_file({"params": namm.params.contiguous().float(), "norm_mean": namm.norm_mean.contiguous().float(),
-               "norm_var": namm.norm_var.contiguous().float()}, str(path / "scorer.safetensors"))
+    save_file({"params": params.contiguous().float(), "norm_mean": norm_mean.contiguous().float(),
+               "norm_var": norm_var.contiguous().float()}, str(path / "scorer.safetensors"))
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_dict(),
             "num_params": num_params(cfg), "layout": [[name, list(shape)] for name, shape in layout(cfg)]}
     (path / "scorer.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_scorer(path):
-    from .evictor import NAMM
-
+def read_scorer(path):
+    """``(config, params, norm_mean, norm_var)`` of a scorer directory, checked against its config."""
     path = Path(path)
     meta_file, weights_file = path / "scorer.json", path / "scorer.safetensors"
     if not meta_file.is_file() or not weights_file.is_file():
@@ -62,4 +61,4 @@ def load_scorer(path):
             raise TokenmemError(
                 f"{weights_file}: {name} has shape {tuple(tensors[name].shape)}, the config needs {shape}"
             )
-    return NAMM(cfg, tensors["params"], tensors["norm_mean"], tensors["norm_var"])
+    return cfg, tensors["params"], tensors["norm_mean"], tensors["norm_var"]

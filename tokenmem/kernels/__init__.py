@@ -27,7 +27,7 @@ import torch
 from ..errors import TokenmemError
 
 _MODULES = {"reference": "tokenmem.kernels.reference", "cpu": "tokenmem.kernels.cpu",
-            "triton": "tokenmem.kernels.triton"}
+            "triton": "tokenmem.kernels.triton_backend"}
 DEVICE_BACKENDS = {"cpu": "cpu", "cuda": "triton"}
 DTYPES = {
     "reference": (torch.float32, torch.bfloat16, torch.float16, torch.float64),

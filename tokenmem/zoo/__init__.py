@@ -2,11 +2,16 @@
 
 - :mod:`tokenmem.zoo.corpus`: a deterministic corpus of the Python standard library's source files.
 - :mod:`tokenmem.zoo.train_lm`: trains the small Llama-architecture language model shipped in
-  ``tokenmem/zoo/models/stdlib-llama``.
+  ``tokenmem/zoo/models/stdlib-llama`` (its probes and evaluation: :mod:`tokenmem.zoo.lm_eval`).
 - :mod:`tokenmem.zoo.lm_tasks`: long-context language tasks built from held-out files.
 - :mod:`tokenmem.zoo.video_task` / :mod:`tokenmem.zoo.train_video`: procedural video-QA clips and the trainer of the
-  tiny LLaVA-NeXT-Video model shipped in ``tokenmem/zoo/models/shapes-llava-video``.
-- :mod:`tokenmem.zoo.transfer`: the zero-shot transfer benchmark (``tokenmem bench``).
+  tiny LLaVA-NeXT-Video model shipped in ``tokenmem/zoo/models/shapes-llava-video`` (its architecture, tokenizer and
+  batches: :mod:`tokenmem.zoo.video_model`).
+- :mod:`tokenmem.zoo.transfer`: the zero-shot transfer benchmark (``tokenmem bench``); :mod:`tokenmem.zoo.demo`:
+  ``tokenmem demo``.
+
+The training scripts (``train_lm``, ``train_video``, ``evolve_language``) run as modules (``python -m``) and are
+never imported by the library; importing this package loads only the paths below.
 """
 
 from __future__ import annotations

@@ -44,6 +44,8 @@ import torch
 
 from . import planting
 from .corpus import iter_files, manifest
+from .lm_eval import (exact_match, heldout_loss, heldout_perplexity, heldout_windows, repeat_accuracy,
+                      retrieval_prompts, synthetic_digit_accuracy, unigram_perplexity)
 
 DEFAULT_WORK = Path(os.environ.get("TOKENMEM_CACHE", Path.home() / ".cache" / "tokenmem")) / "lm"
 
@@ -174,86 +176,27 @@ def weighted_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     return (ce * w).sum() / w.sum()
 
 
-@torch.no_grad()
-def copy_accuracy(model, tok, samples) -> float:
-    """Share of target tokens predicted right (teacher forcing); ``samples`` yields ``(text, spans)``, the
-    character spans of each text whose tokens only copying can predict."""
-    model.eval()
-    hits = total = 0
-    for text, spans in samples:
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = torch.tensor([enc["input_ids"]])
-        pred = model(input_ids=ids).logits[0].argmax(-1)
-        for x, y in spans:
-            for k, (a, _) in enumerate(enc["offset_mapping"]):
-                if x <= a < y and k > 0:
-                    total += 1
-                    hits += int(pred[k - 1] == ids[0, k])
-    model.train()
-    return round(hits / max(1, total), 3)
-
-
-def repeat_accuracy(model, tok, words: list[str], seed: int, count: int = 16) -> float:
-    """Copy accuracy on the second copy of repeated word runs."""
-    rng = np.random.default_rng([seed, 98])
-    runs = (planting.repeated_words(rng, words, 15) for _ in range(count))
-    return copy_accuracy(model, tok, ((text, [span]) for text, span in runs))
-
-
-def synthetic_digit_accuracy(model, tok, seed: int, count: int = 16) -> float:
-    """Copy accuracy on the query values of dense synthetic recall texts."""
-    rng = np.random.default_rng([seed, 99])
-    texts = (planting.synthetic_recall(rng, 8, 12) for _ in range(count))
-    return copy_accuracy(model, tok, ((text, planting.target_spans(text)) for text in texts))
-
-
-def retrieval_prompts(tok, code: CodeLines, distance: int, count: int, seed: int) -> list[tuple[list[int], str]]:
-    """Held-out code with one planted pair ``distance`` tokens (approximately) before the query."""
-    rng = np.random.default_rng([seed, distance, 7])
-    prompts = []
-    for _ in range(count):
-        name, value = planting.random_name(rng), planting.random_value(rng)
-        lines = code.window(rng, int(distance * planting.CHARS_PER_TOKEN))
-        lead = code.window(rng, 200)
-        text = "\n".join(lead + [planting.definition(name, value)] + lines) + "\n" + planting.query_prefix(name)
-        prompts.append((tok(text, add_special_tokens=False)["input_ids"], value))
-    return prompts
-
-
-@torch.no_grad()
-def heldout_loss(model, tok, lines: CodeLines, seq_len: int, count: int, seed: int) -> float:
-    model.eval()
-    rng = np.random.default_rng([seed, 11])
-    losses = []
-    for _ in range(count):
-        text = "\n".join(lines.window(rng, int(seq_len * planting.CHARS_PER_TOKEN * 1.2)))
-        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"][:seq_len]])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            losses.append(float(model(input_ids=ids, labels=ids).loss))
-    model.train()
-    return float(np.mean(losses))
-
-
 def _save_atomic(obj, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def train(args) -> None:
-    from transformers import AutoTokenizer, LlamaForCausalLM
+def _tokenizer(work: Path):
+    """The tokenizer of the run (trained once, then loaded from ``work/tokenizer``)."""
+    from transformers import AutoTokenizer
 
     from .tokenizer import build_tokenizer
 
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
     tok_dir = work / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
         build_tokenizer().save_pretrained(tok_dir)
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    train_lines, held_lines = CodeLines("train"), CodeLines("heldout")
-    (work / "manifest.json").write_text(json.dumps(manifest(iter_files()), indent=0))
+    return AutoTokenizer.from_pretrained(tok_dir)
+
+
+def _model_and_optimiser(args, work: Path, tok):
+    """``(model, optimiser, step, gate_step)``: seeded fresh, or resumed from ``work/checkpoint.pt``."""
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(model_config(len(tok)))
@@ -267,112 +210,86 @@ def train(args) -> None:
         opt.load_state_dict(state["opt"])
         step, gate_step = state["step"], state["gate_step"]
         print(f"resumed at step {step} (phase 0 ended at {gate_step})", flush=True)
+    return model, opt, step, gate_step
 
+
+def _trim_log(work: Path, step: int) -> float:
+    """Keep only the log of the steps the checkpoint includes; returns the training seconds they took."""
+    if not (step and (work / "log.jsonl").exists()):
+        return 0.0
+    kept = [line for line in (work / "log.jsonl").read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    (work / "log.jsonl").write_text("".join(line + "\n" for line in kept))
+    return json.loads(kept[-1])["elapsed"] if kept else 0.0
+
+
+def _optimise(model, opt, batch: torch.Tensor, weights: torch.Tensor, lr: float) -> torch.Tensor:
+    """One optimiser step at learning rate ``lr`` (bfloat16 autocast, gradients clipped at 1); returns the loss."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = weighted_loss(model(input_ids=batch).logits, batch, weights)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def _gate(rec: dict, model, tok, held_lines, seed: int, step: int) -> bool:
+    """Phase 0's probes into ``rec``; True when the copy phase ends (gate passed or its steps used up)."""
+    rec["repeat_acc"] = repeat_accuracy(model, tok, held_lines.words, seed)
+    rec["synthetic_digits"] = synthetic_digit_accuracy(model, tok, seed)
+    return all(rec[k] >= v for k, v in GATE.items()) or step >= PHASES[0].steps
+
+
+def _evaluate(rec: dict, model, tok, evals: dict, held_lines, seed: int) -> None:
+    for d, prompts in evals.items():
+        rec[f"retrieval@{d}"] = exact_match(model, prompts, tok.decode)
+    rec["heldout_loss"] = heldout_loss(model, tok, held_lines, 1024, 16, seed)
+    rec.setdefault("synthetic_digits", synthetic_digit_accuracy(model, tok, seed))
+    rec.setdefault("repeat_acc", repeat_accuracy(model, tok, held_lines.words, seed))
+
+
+def train(args) -> None:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    tok = _tokenizer(work)
+    train_lines, held_lines = CodeLines("train"), CodeLines("heldout")
+    (work / "manifest.json").write_text(json.dumps(manifest(iter_files()), indent=0))
+    model, opt, step, gate_step = _model_and_optimiser(args, work, tok)
     evals = {d: retrieval_prompts(tok, held_lines, d, args.eval_prompts, args.seed) for d in (64, 256, 1024)}
-    done_seconds = 0.0
-    if step and (work / "log.jsonl").exists():  # keep only the log of steps the checkpoint includes
-        kept = [line for line in (work / "log.jsonl").read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        (work / "log.jsonl").write_text("".join(line + "\n" for line in kept))
-        done_seconds = json.loads(kept[-1])["elapsed"] if kept else 0.0
+    done_seconds = _trim_log(work, step)
     log = open(work / "log.jsonl", "a")
     last_save = time.time()
     t0 = time.time() - done_seconds  # "elapsed" counts training time across resumptions
-    while True:
-        where = phase_at(step, gate_step)
-        if where is None:
-            break
+    while (where := phase_at(step, gate_step)) is not None:
         index, ph = where
         lr = learning_rate(step, gate_step, args.lr, args.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
         batch, weights = make_batch(tok, train_lines, args.seed, step, ph)
         ts = time.time()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = weighted_loss(model(input_ids=batch).logits, batch, weights)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = _optimise(model, opt, batch, weights, lr)
         step += 1
         rec = {"step": step, "phase": index, "loss": round(loss.item(), 4), "lr": lr, "seq_len": ph.seq_len,
                "tok_s": round(batch.numel() / (time.time() - ts)), "elapsed": round(time.time() - t0, 1)}
-        if gate_step is None and step % PROBE_EVERY == 0:
-            rec["repeat_acc"] = repeat_accuracy(model, tok, held_lines.words, args.seed)
-            rec["synthetic_digits"] = synthetic_digit_accuracy(model, tok, args.seed)
-            if all(rec[k] >= v for k, v in GATE.items()) or step >= PHASES[0].steps:
-                gate_step = step
-                rec["gate_passed"] = step < PHASES[0].steps
+        if gate_step is None and step % PROBE_EVERY == 0 and _gate(rec, model, tok, held_lines, args.seed, step):
+            gate_step = step
+            rec["gate_passed"] = step < PHASES[0].steps
         last = phase_at(step, gate_step) is None
         if step % args.eval_every == 0 or last:
-            for d, prompts in evals.items():
-                rec[f"retrieval@{d}"] = _exact(model, prompts, tok.decode)
-            rec["heldout_loss"] = heldout_loss(model, tok, held_lines, 1024, 16, args.seed)
-            rec.setdefault("synthetic_digits", synthetic_digit_accuracy(model, tok, args.seed))
-            rec.setdefault("repeat_acc", repeat_accuracy(model, tok, held_lines.words, args.seed))
+            _evaluate(rec, model, tok, evals, held_lines, args.seed)
         log.write(json.dumps(rec) + "\n")
         log.flush()
         if step % 10 == 0 or len(rec) > 7:
             print(json.dumps(rec), flush=True)
         if time.time() - last_save > args.save_minutes * 60 or last:
             _save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                          "gate_step": gate_step}, ckpt)
+                          "gate_step": gate_step}, work / "checkpoint.pt")
             last_save = time.time()
     model.save_pretrained(work / "final")
     tok.save_pretrained(work / "final")
     print("done", flush=True)
-
-
-@torch.no_grad()
-def _exact(model, prompts, decode) -> float:
-    model.eval()
-    hits = 0
-    for ids, value in prompts:
-        x = torch.tensor([ids])
-        past, out = None, []
-        for _ in range(len(value)):
-            res = model(input_ids=x, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            out.append(int(res.logits[0, -1].argmax()))
-            x = torch.tensor([[out[-1]]])
-        hits += int(decode(out).strip() == value)
-    model.train()
-    return round(hits / max(1, len(prompts)), 3)
-
-
-def unigram_perplexity(tok, train_lines: CodeLines, windows: list[list[int]]) -> float:
-    """Perplexity of a unigram model (add-one smoothed token frequencies of the train split) on ``windows``."""
-    counts = np.ones(len(tok), dtype=np.float64)
-    step = 20000
-    for i in range(0, len(train_lines.lines), step):
-        ids = tok("\n".join(train_lines.lines[i : i + step]), add_special_tokens=False)["input_ids"]
-        counts += np.bincount(ids, minlength=len(tok))[: len(tok)]
-    logp = np.log(counts / counts.sum())
-    nll = [-logp[w[1:]].sum() for w in windows]
-    return float(np.exp(sum(nll) / sum(len(w) - 1 for w in windows)))
-
-
-@torch.no_grad()
-def heldout_perplexity(model, windows: list[list[int]]) -> float:
-    model.eval()
-    nll, count = 0.0, 0
-    for w in windows:
-        ids = torch.tensor([w])
-        nll += float(model(input_ids=ids, labels=ids).loss) * (len(w) - 1)
-        count += len(w) - 1
-    return float(np.exp(nll / count))
-
-
-def heldout_windows(tok, length: int = 2048) -> list[list[int]]:
-    """Every held-out file cut into consecutive ``length``-token windows (the last, shorter one kept if
-    it has at least 64 tokens)."""
-    out = []
-    for f in iter_files(split="heldout"):
-        ids = tok(f.text, add_special_tokens=False)["input_ids"]
-        for s in range(0, len(ids), length):
-            if len(ids[s : s + length]) >= 64:
-                out.append(ids[s : s + length])
-    return out
 
 
 def plot_log(log_path: Path, png: Path) -> None:

@@ -27,7 +27,7 @@ killed and ``--resume``-d every ~3.8 minutes; 0.6-0.7 steps/s, 15-20 questions/s
 on the answer tokens reaches the answer-prior level (~0.52 nats: the model knows the answer sets) in ~50 steps.
 With transformers' N(0, 0.02) initialisation of the new modules, four runs (over three task variants) each learned
 one or two of the three question kinds in 12 minutes, which ones varying from run to run; with the fan-in
-initialisation of :func:`_fan_in_init` the run of the final task (seed 0, 516 steps) ended at loss 0.12 and
+initialisation of :func:`.video_model._fan_in_init` the run of the final task (seed 0, 516 steps) ended at loss 0.12 and
 held-out accuracy through ``VideoQA(..., "full")`` on 60 clips of colour 98 %, circle 52 % (white told apart;
 black / magenta / cyan not yet), move 77 % (chance 25 % each). :mod:`.video_task` records how the task got to its
 final form. The time budget counts this process's step and evaluation time: on a machine whose cores are taken, fewer
@@ -64,7 +64,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -74,202 +74,8 @@ from tokenmem.errors import TokenmemError
 
 from . import video_task as task
 
-PATCH = 8
-
-
-@dataclass(frozen=True)
-class Spec:
-    """What the model and the task look like (a checkpoint is only resumed with the same spec)."""
-
-    frames: int = 24
-    size: int = 48
-    vision_hidden: int = 64
-    vision_layers: int = 2
-    lm: str = "stdlib"  # "stdlib": initialise from the shipped stdlib-llama; "tiny": a random 2-layer Llama (tests)
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return (self.size // PATCH // 2) ** 2
-
-
-TINY = dict(frames=16, vision_hidden=32, vision_layers=1, lm="tiny")
-
-
-# -- the model -------------------------------------------------------------------------------------
-def build_tokenizer():
-    from transformers import AutoTokenizer
-
-    from tokenmem.adapters.video_demo import CHAT_TEMPLATE
-
-    from . import stdlib_lm_path
-
-    tok = AutoTokenizer.from_pretrained(stdlib_lm_path())
-    tok.add_tokens(["<image>", "<video>"], special_tokens=True)
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def build_model(spec: Spec, tok, seed: int):
-    """A LlavaNextVideoForConditionalGeneration for ``spec``; its language model copied from stdlib-llama."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaNextVideoConfig,
-                              LlavaNextVideoForConditionalGeneration)
-
-    from . import stdlib_lm_path
-
-    torch.manual_seed(seed)
-    if spec.lm == "stdlib":
-        lm = LlamaForCausalLM.from_pretrained(stdlib_lm_path(), dtype=torch.float32)
-        lm.resize_token_embeddings(len(tok), mean_resizing=False)
-        text = lm.config
-    elif spec.lm == "tiny":
-        lm = None
-        text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                           tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id)
-    else:
-        raise TokenmemError(f"unknown language model {spec.lm!r}; use 'stdlib' or 'tiny'")
-    heads = max(1, spec.vision_hidden // 16)
-    vision = CLIPVisionConfig(image_size=spec.size, patch_size=PATCH, hidden_size=spec.vision_hidden,
-                              intermediate_size=2 * spec.vision_hidden, num_hidden_layers=spec.vision_layers,
-                              num_attention_heads=heads, projection_dim=spec.vision_hidden)
-    image_id, video_id = tok.convert_tokens_to_ids(["<image>", "<video>"])
-    side = spec.size // PATCH
-    config = LlavaNextVideoConfig(
-        vision_config=vision, text_config=text, image_token_index=image_id, video_token_index=video_id,
-        image_grid_pinpoints=[[spec.size, 2 * spec.size], [2 * spec.size, spec.size]],
-        image_seq_length=side**2, video_seq_length=spec.tokens_per_frame, spatial_pool_stride=2,
-        vision_feature_select_strategy="default", vision_feature_layer=-1, tie_word_embeddings=True)
-    model = LlavaNextVideoForConditionalGeneration(config)
-    _fan_in_init(model)
-    if lm is not None:
-        model.model.language_model.load_state_dict(lm.model.state_dict())
-    model.tie_weights()
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.bos_token_id = tok.bos_token_id
-    model.config._attn_implementation = "sdpa"
-    return model
-
-
-@torch.no_grad()
-def _fan_in_init(model) -> None:
-    """LeCun fan-in initialisation (weights ~ N(0, 1 / fan_in), LeCun et al. 1998) for the new patch embedding and
-    projector instead of the N(0, 0.02) of transformers: with 0.02 the video features start ~40x weaker across
-    tokens than the text embeddings' scale (feature std 0.012 vs 0.05) and the two projector layers must grow
-    through each other before the language model can tell one frame token from another."""
-    patch = model.model.vision_tower.embeddings.patch_embedding  # Conv2d(3, hidden, PATCH, PATCH)
-    torch.nn.init.normal_(patch.weight, std=(patch.in_channels * PATCH * PATCH) ** -0.5)
-    for layer in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
-        torch.nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
-        torch.nn.init.zeros_(layer.bias)
-
-
-def frame_config(spec: Spec) -> dict:
-    from tokenmem.adapters.video_frames import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    return dict(size={"shortest_edge": spec.size}, crop_size={"height": spec.size, "width": spec.size},
-                do_resize=True, do_center_crop=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), resample=3, do_convert_rgb=True)
-
-
-def save_pretrained(model, tok, spec: Spec, path: Path) -> None:
-    """Model, tokenizer (with the chat template) and the processor files VideoQA and LlavaNextVideoProcessor read."""
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    frames = frame_config(spec)
-    files = {
-        "video_preprocessor_config.json": {**frames, "video_processor_type": "LlavaNextVideoVideoProcessor",
-                                           "processor_class": "LlavaNextVideoProcessor"},
-        "preprocessor_config.json": {**frames, "image_processor_type": "LlavaNextImageProcessor",
-                                     "image_grid_pinpoints": model.config.image_grid_pinpoints,
-                                     "processor_class": "LlavaNextVideoProcessor"},
-        "processor_config.json": {"processor_class": "LlavaNextVideoProcessor", "patch_size": PATCH,
-                                  "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1,
-                                  "video_token": "<video>", "image_token": "<image>"},
-    }
-    for name, data in files.items():
-        (path / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-# -- batches ---------------------------------------------------------------------------------------
-class Encoder:
-    """Token ids of prompt + answer as VideoQA builds the prompt, and pixel values from the model's preprocessor."""
-
-    def __init__(self, tok, spec: Spec):
-        from tokenmem.adapters.video_frames import FramePreprocessor
-
-        self.tok, self.spec = tok, spec
-        self.preprocessor = FramePreprocessor(**frame_config(spec))
-        video = "<video>" * (spec.frames * spec.tokens_per_frame)
-        self.prompts = {}
-        for kind, question in task.QUESTIONS.items():
-            conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-            text = tok.apply_chat_template(conversation, chat_template=tok.chat_template, add_generation_prompt=True,
-                                           tokenize=False)
-            self.prompts[kind] = tok(text.replace("<video>", video))["input_ids"]
-        self.answers = {a: tok(" " + a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                        for answers in task.ANSWERS.values() for a in answers}
-
-    def __call__(self, items: list[tuple[task.ShapeClip, str]]):
-        """One sequence per ``(clip, question kind)``: the model's inputs (ids [b, q] right-padded, pixels
-        [b, frames, 3, H, W]; no mask or positions needed, causal attention never reads the padding at the end)
-        and labels [b, q] (-100 except the answer tokens)."""
-        rows = [self.prompts[kind] + self.answers[clip.answer(kind)] for clip, kind in items]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self.tok.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for r, ((clip, kind), row) in enumerate(zip(items, rows)):
-            ids[r, : len(row)] = torch.tensor(row)
-            start = len(self.prompts[kind])
-            labels[r, start : len(row)] = ids[r, start : len(row)]
-        return dict(input_ids=ids, pixel_values_videos=self.pixels([c for c, _ in items])), labels
-
-    def pixels(self, clips) -> torch.Tensor:
-        return torch.stack([self.preprocessor(clip.frames) for clip in clips])  # [b, frames, 3, H, W]
-
-    def packed(self, clips: list[task.ShapeClip]):
-        """All questions of a clip in one row sharing the video: ``prefix | question 1 answer 1 | question 2 ...``,
-        ``prefix`` being what all prompts share (``USER: <video>...``). A 4-D mask lets each question attend to the
-        prefix and to itself only and its positions continue from the prefix, so each question sees exactly the
-        sequence :class:`VideoQA` feeds (the packed logits equal the one-question ones: tested). This is the
-        shared-prefix form of packed fine-tuning; here it cuts the tokens per question ~2.4x. Returns the model's
-        inputs (with ``attention_mask`` [b, 1, q, q] bool and ``position_ids`` [b, q]) and labels [b, q]."""
-        kinds = list(task.QUESTIONS)
-        prefix = self.prefix
-        rows = []
-        for clip in clips:
-            ids, seg, lab = list(self.prompts[kinds[0]][:prefix]), [0] * prefix, [-100] * prefix
-            pos = list(range(prefix))
-            for s, kind in enumerate(kinds, 1):
-                branch, answer = self.prompts[kind][prefix:], self.answers[clip.answer(kind)]
-                ids += branch + answer
-                seg += [s] * (len(branch) + len(answer))
-                pos += range(prefix, prefix + len(branch) + len(answer))
-                lab += [-100] * len(branch) + answer
-            rows.append((ids, seg, pos, lab))
-        b, width = len(rows), max(len(r[0]) for r in rows)
-        ids = torch.full((b, width), self.tok.pad_token_id, dtype=torch.long)
-        seg = torch.full((b, width), -1, dtype=torch.long)
-        pos = torch.zeros((b, width), dtype=torch.long)
-        lab = torch.full((b, width), -100, dtype=torch.long)
-        for r, row in enumerate(rows):
-            n = len(row[0])
-            for out, values in zip((ids, seg, pos, lab), row):
-                out[r, :n] = torch.tensor(values)
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        visible = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)  # [b, query, key]
-        mask = (causal & visible & (seg[:, None, :] >= 0)) | torch.eye(width, dtype=torch.bool)  # padding sees itself
-        return dict(input_ids=ids, pixel_values_videos=self.pixels(clips), attention_mask=mask[:, None],
-                    position_ids=pos), lab
-
-    @property
-    def prefix(self) -> int:
-        rows, n = list(self.prompts.values()), 0
-        while all(len(r) > n for r in rows) and len({r[n] for r in rows}) == 1:
-            n += 1
-        return n
+from .video_model import (PATCH, TINY, Encoder, Spec, _fan_in_init, build_model, build_tokenizer,  # noqa: F401
+                          frame_config, save_pretrained)
 
 
 def train_clips(seed: int, step: int, batch: int, spec: Spec) -> list[task.ShapeClip]:
@@ -359,6 +165,36 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _resume(ckpt: Path, log_path: Path, spec: Spec, model, opt) -> tuple[int, float]:
+    """Load a checkpoint into ``model``/``opt`` (and torch's RNG), trim the log to it; ``(step, seconds trained)``."""
+    state = torch.load(ckpt, weights_only=False)
+    if state["spec"] != asdict(spec):
+        raise TokenmemError(f"{ckpt} was trained with {state['spec']}, this run asks for {asdict(spec)}; "
+                            "resume with the same size flags (--tiny, --frames) or choose another --out")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    torch.set_rng_state(state["rng"])
+    step, elapsed = state["step"], state["elapsed"]
+    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    log_path.write_text("".join(line + "\n" for line in kept))
+    print(f"resumed {ckpt.parent} at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
+    return step, elapsed
+
+
+def _optimise(model, opt, encoder: "Encoder", args, spec: Spec, step: int, progress: float) -> torch.Tensor:
+    """One optimiser step on the batch of ``step`` (learning rates from ``progress``); returns the loss."""
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(group["peak"], step, progress, args.warmup)
+    inputs, labels = encoder.packed(train_clips(args.seed, step, args.batch, spec))
+    logits, target, _ = answer_logits(model, inputs, labels)
+    loss = torch.nn.functional.cross_entropy(logits, target)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def train(args) -> Path | None:
     from tqdm import tqdm
 
@@ -374,17 +210,7 @@ def train(args) -> Path | None:
     opt = optimiser(model, args.lr, args.lr_lm)
     step, elapsed = 0, 0.0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state["spec"] != asdict(spec):
-            raise TokenmemError(f"{ckpt} was trained with {state['spec']}, this run asks for {asdict(spec)}; "
-                                "resume with the same size flags (--tiny, --frames) or choose another --out")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        torch.set_rng_state(state["rng"])
-        step, elapsed = state["step"], state["elapsed"]
-        kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        log_path.write_text("".join(line + "\n" for line in kept))
-        print(f"resumed {out} at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
+        step, elapsed = _resume(ckpt, log_path, spec, model, opt)
     model.train()
     encoder = Encoder(tok, spec)
     evals = task.clips("heldout", args.eval_clips, num_frames=spec.frames, size=spec.size)
@@ -411,15 +237,7 @@ def train(args) -> Path | None:
             return None
         t0 = time.time()
         progress = step / args.max_steps if args.max_steps is not None else elapsed / budget
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(group["peak"], step, progress, args.warmup)
-        inputs, labels = encoder.packed(train_clips(args.seed, step, args.batch, spec))
-        logits, target, _ = answer_logits(model, inputs, labels)
-        loss = torch.nn.functional.cross_entropy(logits, target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = _optimise(model, opt, encoder, args, spec, step, progress)
         step += 1
         dt = time.time() - t0
         elapsed += dt

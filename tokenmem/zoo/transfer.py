@@ -194,7 +194,8 @@ def run_rl(evictors, budgets, size: dict, scorer, progress, model_path=None, see
         from tokenmem.envs import make_env, shipped_dt_path
     except ImportError as exc:
         raise TokenmemError(f"the rl modality needs gymnasium and MuJoCo ({exc}): pip install 'tokenmem[rl]'") from exc
-    from tokenmem.adapters.decision import CachedPolicy, DecisionAdapter, rollout
+    from tokenmem.adapters.decision import CachedPolicy, DecisionAdapter
+    from tokenmem.envs.rollout import rollout
     from tokenmem.meta import MODALITY_NAMES
 
     adapter = DecisionAdapter.from_pretrained(str(model_path or shipped_dt_path()))

@@ -1,4 +1,4 @@
-"""Spill files of the memory bank (:mod:`tokenmem.plugins.bank`): chunks written with safetensors, read back
+"""Spill files of the memory bank (:mod:`tokenmem.bank`): chunks written with safetensors, read back
 memory-mapped, each checked against the CRC-32 kept in memory."""
 
 from __future__ import annotations

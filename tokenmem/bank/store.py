@@ -1,4 +1,4 @@
-"""Storage of the memory bank (:mod:`tokenmem.plugins.bank`) for one layer: chunk slots per stream with their
+"""Storage of the memory bank (:mod:`tokenmem.bank`) for one layer: chunk slots per stream with their
 representatives and retrieval counters, the pending buffer, capture of evicted tokens, the least-retrieved
 dropping policy, and retrieval (scoring, gathering, MemLong's placement in ``shift`` mode)."""
 
@@ -148,7 +148,7 @@ class LayerBank:
 
     def capture(self, layer, index: torch.Tensor, kept_ok: torch.Tensor | None) -> None:
         n = layer.held
-        meta = layer._meta[:, :, :n]  # [b, h, n, F]
+        meta = layer.packed_meta  # [b, h, n, F]
         valid = (meta[..., FLAGS] & PAD) == 0
         stay = torch.zeros_like(valid)
         stay.scatter_(2, index, True if kept_ok is None else kept_ok)
@@ -162,8 +162,8 @@ class LayerBank:
         if most == 0:
             return
         slots = torch.sort((~dropped).to(torch.int8), dim=-1, stable=True).indices[..., :most]  # dropped first
-        keys = kernels.gather_tokens(layer._k[:, :, :n], slots).cpu()
-        values = kernels.gather_tokens(layer._v[:, :, :n], slots).cpu()
+        keys = kernels.gather_tokens(layer.keys, slots).cpu()
+        values = kernels.gather_tokens(layer.values, slots).cpu()
         packed = kernels.gather_tokens(meta, slots).cpu()
         w = torch.zeros(slots.shape) if weight is None else torch.gather(weight, 2, slots).float().cpu()
         if self.used is None:
@@ -259,7 +259,7 @@ class LayerBank:
 
     def _representative(self, k: torch.Tensor, m: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``[m, d]`` representative keys of chunks ``k [m, C, d]`` (meta ``m``, accumulated mass ``w``)."""
-        inv_freq = self.owner._rotation()
+        inv_freq = self.owner.rotation()
         if inv_freq is not None:  # shift mode: compare content at one position (0), not eviction slots
             k = rotate_by(k, -m[..., ROPE], inv_freq)
         k = k.float()
@@ -301,7 +301,7 @@ class LayerBank:
         P = self.pk.shape[2]
         ok = torch.arange(P)[None, None] < self.pn[..., None]  # [b, h, P]
         k = self.pk
-        inv_freq = self.owner._rotation()
+        inv_freq = self.owner.rotation()
         if inv_freq is not None:
             k = rotate_by(k, torch.where(ok, -self.pm[..., ROPE], 0), inv_freq)
         k = k.float() * ok[..., None]
@@ -314,7 +314,7 @@ class LayerBank:
         """``representative="max"``: each chunk scores the best match of the query ``qm [b, h, d]`` among all
         of its keys (exact maximum inner product over the chunk, as attention itself would pick), the
         pending partial chunk likewise; returns ``([b, h, S], [b, h])`` with -inf for empty slots."""
-        inv_freq = self.owner._rotation()
+        inv_freq = self.owner.rotation()
         keys = self.ck.float()  # [b, h, S, C, d]
         P = self.pk.shape[2]
         ok = torch.arange(P)[None, None] < self.pn[..., None]  # [b, h, P]
@@ -368,7 +368,7 @@ class LayerBank:
         order = order[..., :width]
         keys, values = kernels.gather_tokens(keys, order), kernels.gather_tokens(values, order)
         meta, valid = kernels.gather_tokens(meta, order), torch.gather(valid, 2, order)
-        inv_freq = self.owner._rotation()
+        inv_freq = self.owner.rotation()
         if inv_freq is not None:  # shift mode: "before" the cache (-r .. -1) or all at position 0 ("zero")
             if self.owner.options.placement == "before":
                 target = torch.arange(width)[None, None] - r[..., None]  # -r .. -1 for the valid tokens

@@ -4,64 +4,12 @@
 the real ``from_pretrained`` and runs two held-out prompts under every evictor; :func:`video` asks the shipped
 video model three questions about a generated clip, full cache vs h2o and the language-trained NAMM scorer at 25%;
 :func:`hopper` then rolls out the shipped Decision Transformer for one Hopper-v5 episode, full history vs the
-same scorer at 60 tokens. :func:`train_byte_bpe` (the
-tokenizer builder shared with the zoo and the tests) and :func:`build_demo_model` (a random-weight
-Llama for tests that need a model directory quickly) live here too.
+same scorer at 60 tokens.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
-
-
-DEMO_DIR = Path(os.environ.get("TOKENMEM_CACHE", Path.home() / ".cache" / "tokenmem")) / "demo-llama"
-PROMPT_MODULE = "textwrap"
-
-
-def _prompt_text() -> str:
-    import importlib
-    import inspect
-
-    return inspect.getsource(importlib.import_module(PROMPT_MODULE))
-
-
-def train_byte_bpe(texts, vocab_size: int, individual_digits: bool = False):
-    """A byte-level BPE tokenizer trained offline on ``texts`` (specials ``<pad>``, ``<s>``, ``</s>`` get
-    ids 0, 1, 2), as a ``transformers`` fast tokenizer. ``individual_digits`` splits every digit into its own
-    token (numbers are then copied digit by digit, which small models learn far more easily)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if individual_digits else byte_level)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
-def build_demo_model(path: Path = DEMO_DIR) -> Path:
-    """Create (once) the demo model + tokenizer at ``path``; deterministic for a given Python version."""
-    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
-        return path
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = train_byte_bpe([_prompt_text()], vocab_size=2048)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=16384,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = LlamaForCausalLM(config)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def run(model_path: str | None = None, budget: float = 0.25) -> int:
@@ -85,7 +33,7 @@ def run(model_path: str | None = None, budget: float = 0.25) -> int:
     print(f"retrieval prompt: {len(rec['input_ids'])} tokens; the value of `{rec['text'].rsplit('assert ', 1)[1][:-4]}` "
           f"was set {rec['measured_distance']} tokens back; truth {rec['answer']}")
     print(f"code-completion prompt: {len(crec['input_ids'])} tokens of {crec['file']}; next line: {crec['answer']!r}")
-    from tokenmem.plugins.bank import Bank
+    from tokenmem.bank import Bank
     from tokenmem.plugins.namm import NAMM
 
     evictors: list[tuple[str, object, object]] = [("full", "full", None), ("recent", "recent", None),
@@ -181,7 +129,8 @@ def hopper(model_path: str | None = None, budget: int = 60, seed: int = 0) -> li
     except ImportError as exc:  # gymnasium / mujoco not installed
         print(f"\nDecision Transformer: skipped ({exc}); `pip install 'tokenmem[rl]'`")
         return []
-    from tokenmem.adapters.decision import CachedPolicy, DecisionAdapter, rollout
+    from tokenmem.adapters.decision import CachedPolicy, DecisionAdapter
+    from tokenmem.envs.rollout import rollout
     from tokenmem.meta import MODALITY_NAMES
     from tokenmem.plugins.namm import NAMM
 

@@ -1,11 +1,11 @@
-"""Offline stand-ins for video QA: a tiny random LLaVA-NeXT-Video saved like a real checkpoint, and
-synthetic videos written with PyAV (tests, examples and ``benchmarks/video.py`` use both; nothing is
-downloaded).
+"""Test fixtures for video QA: a tiny random LLaVA-NeXT-Video saved like a real checkpoint, and synthetic
+videos (the tests, ``examples/video_qa.py`` and ``benchmarks/video.py`` use both; nothing is downloaded; write
+them to files with :func:`tokenmem.adapters.video_io.write_video`).
 
 The tiny model follows the working configuration noted in the LLaVA-NeXT-Video issue: a CLIP vision tower
 (16 px frames, patch 2, hidden 32, 2 layers) and a Llama text model (hidden 32, 2 layers, 4 heads, 2 KV heads),
 with the pool stride 2 and the ``"default"`` feature strategy that ``LlavaNextVideoProcessor``'s token count
-assumes: 16 tokens per frame. Its tokenizer is a byte-level BPE trained here (``tokenmem.demo.train_byte_bpe``)
+assumes: 16 tokens per frame. Its tokenizer is a byte-level BPE trained here (``tokenmem.zoo.tokenizer.train_byte_bpe``)
 plus the ``<image>`` / ``<video>`` special tokens; its processor files are the ones
 ``LlavaNextVideoProcessor.from_pretrained`` reads.
 """
@@ -13,23 +13,14 @@ plus the ``<image>`` / ``<video>`` special tokens; its processor files are the o
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tokenmem.errors import TokenmemError
-
-from .video_frames import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-# The prompt format of the LLaVA-NeXT-Video checkpoints ("USER: <video>\n{question} ASSISTANT:").
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'].upper() }}: "
-    "{% for c in message['content'] if c['type'] == 'video' %}<video>\n{% endfor %}"
-    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] }} {% endfor %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+from tokenmem.adapters.video import CHAT_TEMPLATE
+from tokenmem.adapters.video_frames import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from tokenmem.adapters.video_io import write_video  # noqa: F401  (the fixtures' users write videos with it)
 _TEXT = [
     "USER: What colour is the square? ASSISTANT: The square is red.",
     "USER: Which way does the ball move? ASSISTANT: The ball moves down, then it stops.",
@@ -45,7 +36,7 @@ def build_tiny_llava_next_video(path, *, seed: int = 0, frame_size: int = 16, pa
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig,
                               LlavaNextVideoForConditionalGeneration)
 
-    from tokenmem.demo import train_byte_bpe
+    from tokenmem.zoo.tokenizer import train_byte_bpe
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -120,26 +111,3 @@ def solid_frames(colours, height: int = 32, width: int = 32) -> np.ndarray:
     """``[len(colours), H, W, 3]`` uint8 frames, each filled with one RGB colour."""
     colours = np.asarray(colours, dtype=np.uint8).reshape(-1, 1, 1, 3)
     return np.broadcast_to(colours, (colours.shape[0], height, width, 3)).copy()
-
-
-def write_video(path, frames: np.ndarray, fps: int = 8, codec: str = "libx264", crf: int = 0) -> str:
-    """Encode ``[T, H, W, 3]`` uint8 RGB frames (even H and W) to ``path`` with PyAV (H.264, yuv420p)."""
-    try:
-        import av
-    except ImportError:
-        raise TokenmemError("writing videos needs PyAV: pip install 'tokenmem[video]'") from None
-    frames = np.asarray(frames, dtype=np.uint8)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[1] % 2 or frames.shape[2] % 2:
-        raise TokenmemError(f"frames must be [T, H, W, 3] uint8 with even H and W, got {frames.shape}")
-    path = os.fspath(path)
-    with av.open(path, mode="w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)} if codec.startswith("libx264") else {}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
