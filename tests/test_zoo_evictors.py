@@ -381,12 +381,13 @@ def test_infinipot_v_compares_keys_unrotated():
     packed = meta.pack()[:, None]
     packed[..., 1] = (torch.arange(3 * per) * 7)[None, None]  # the rope field: where each key is rotated
     view = tokenmem.LayerView(layer=0, keys=rotated, values=torch.ones_like(rotated), meta=TokenMeta.from_packed(packed),
-                              state={}, mass=None, seen=3 * per, budget=8, new_tokens=0, extras={"inv_freq": inv_freq})
+                              state={}, mass=None, seen=3 * per, budget=8, new_tokens=0,
+                              memory=SimpleNamespace(budget=8, context=SimpleNamespace(inv_freq=inv_freq)))
     sim = temporal_redundancy(view)[0, 0]
     torch.testing.assert_close(sim[per : 2 * per], torch.ones(per), rtol=0, atol=1e-5)
     assert bool((sim[:per] == 0).all())  # the first frame has no predecessor
     assert float(sim[2 * per :].max()) < 0.99
-    view.extras["inv_freq"] = None  # no un-rotation: the rotated copies no longer look alike
+    view.memory.context.inv_freq = None  # no un-rotation: the rotated copies no longer look alike
     assert float(temporal_redundancy(view)[0, 0][per : 2 * per].min()) < 0.99
 
 

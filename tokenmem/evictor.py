@@ -41,6 +41,7 @@ class LayerView:
     new_tokens: int  # tokens appended by the latest call
     rows: torch.Tensor | None = None  # [b, h, r, n] float32: attention rows of the newest r queries (oldest first)
     rows_window: object = field(default=None, repr=False)  # where consume_rows reports (the layer or a scratch)
+    memory: object = field(default=None, repr=False)  # the TokenMemory (its budget, model context, layer count)
 
     @property
     def extras(self) -> dict:

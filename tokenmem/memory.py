@@ -302,6 +302,7 @@ class TokenMemory(Cache):
             seen=layer.seen,
             budget=budget,
             new_tokens=new_tokens,
+            memory=self,
         )
 
     # -- eviction ---------------------------------------------------------------------------------

@@ -245,14 +245,13 @@ def check_budget_option(name: str, value) -> None:
 # What the view does not carry yet (see the note in each function)
 # ---------------------------------------------------------------------------------------------
 def _memory_of(view: LayerView):
-    layer = view._layer
-    return getattr(layer, "memory", None)
+    return view.memory
 
 
 def budget_cap(view: LayerView) -> int | None:
     """The most tokens per KV head the memory lets this layer hold (its budget), or ``None`` when the memory has
-    no budget (``view.budget`` then counts the held slots). ``LayerView`` does not say which yet: read from the
-    memory through the view's layer; a view without a memory takes ``view.budget`` as the cap."""
+    no budget (``view.budget`` then counts the held slots), read from ``view.memory``; a view without a memory
+    takes ``view.budget`` as the cap."""
     memory = _memory_of(view)
     if memory is not None and getattr(memory, "budget", 0) is None:
         return None
@@ -262,22 +261,16 @@ def budget_cap(view: LayerView) -> int | None:
 def rope_frequencies(view: LayerView) -> torch.Tensor | None:
     """The model's rotary ``inv_freq`` (``None`` without RoPE or for a memory driven by hand).
 
-    ``LayerView`` has no field for it yet: ``view.extras["inv_freq"]`` wins when a memory provides it, otherwise
-    it is read from the memory's model context through the view's layer."""
-    if "inv_freq" in view.extras:
-        return view.extras["inv_freq"]
+    Read from the memory's model context (``view.memory``)."""
     memory = _memory_of(view)
     context = getattr(memory, "context", None)
     return None if context is None else context.inv_freq
 
 
 def layer_count(view: LayerView, given: int | None = None) -> int:
-    """The number of layers of the memory's model: ``given``, ``view.extras["num_layers"]``, or the memory's
-    layer list (``LayerView`` has no field for it yet)."""
+    """The number of layers of the memory's model: ``given``, or from the memory (``view.memory``)."""
     if given is not None:
         return given
-    if "num_layers" in view.extras:
-        return int(view.extras["num_layers"])
     memory = _memory_of(view)
     context = getattr(memory, "context", None)
     count = max(getattr(context, "num_layers", 0) or 0, len(getattr(memory, "layers", []) or []))
