@@ -60,6 +60,7 @@ class MemoryConfig:
         record_stats: always compute the per-key attention mass.
         bank: None/False, True or a :class:`tokenmem.bank.Bank` (the memory bank's options).
         separator_ids: the separator token ids (for evictors that declare ``needs_separators``).
+        decode_span: calls of at most this many new tokens count as decode steps (evict every ``interval``).
         evictor_options: passed to the evictor's constructor when ``evictor`` is a name.
     """
 
@@ -71,6 +72,7 @@ class MemoryConfig:
     record_stats: bool = False
     bank: object = None
     separator_ids: object = None
+    decode_span: int = 1
     evictor_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -80,6 +82,9 @@ class MemoryConfig:
         self.budget = validate_budget(self.budget)
         if self.interval is not None:
             validate_interval(self.interval)
+        if isinstance(self.decode_span, bool) or not isinstance(self.decode_span, int) or self.decode_span < 1:
+            raise TokenmemError(f"decode_span must be a positive int (the longest call that counts as a decode step), "
+                                f"got {self.decode_span!r}")
         if self.positions not in POSITION_MODES:
             raise TokenmemError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
         if self.evict_unit not in EVICT_UNITS:

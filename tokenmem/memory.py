@@ -36,7 +36,7 @@ from .selection import choose_kept, select_kept, whole_segments  # noqa: F401  (
 from .separators import local_tokenizer, separator_ids as tokenizer_separator_ids
 
 _KEYWORD_DEFAULTS = dict(evictor="full", budget=None, interval=None, positions="original", separator_ids=None,
-                         record_stats=False, evict_unit="token", bank=None)
+                         record_stats=False, evict_unit="token", bank=None, decode_span=1)
 
 
 class TokenMemory(Cache):
@@ -68,6 +68,11 @@ class TokenMemory(Cache):
         bank: ``True`` or a :class:`tokenmem.bank.Bank`: evicted tokens go to a MemLong-style memory bank
             (host memory or disk) and the best-matching chunks are retrieved back into attention
             (:mod:`tokenmem.bank`); ``memory.bank`` is the runtime bank. ``None``/``False``: no bank.
+        decode_span: calls of at most this many new tokens count as decode steps: they evict only once
+            ``interval`` new tokens have accumulated, so held tokens stay within ``budget + interval - 1`` between
+            calls (default 1: every multi-token call ends with an eviction when over budget). The Decision
+            Transformer adapter sets 3 (one timestep: return, state, action), so a rollout evicts every
+            ``interval`` tokens instead of at every step.
         evictor_options: passed to the evictor's constructor when ``evictor`` is a name.
     """
 
@@ -85,10 +90,12 @@ class TokenMemory(Cache):
         record_stats: bool = False,
         evict_unit: str = "token",
         bank=None,
+        decode_span: int = 1,
         **evictor_options,
     ):
         given = dict(evictor=evictor, budget=budget, interval=interval, positions=positions,
-                     separator_ids=separator_ids, record_stats=record_stats, evict_unit=evict_unit, bank=bank)
+                     separator_ids=separator_ids, record_stats=record_stats, evict_unit=evict_unit, bank=bank,
+                     decode_span=decode_span)
         if config is None:
             config = MemoryConfig(**given, evictor_options=evictor_options)
         elif not isinstance(config, MemoryConfig):
@@ -101,6 +108,7 @@ class TokenMemory(Cache):
         self.evictor = config.make_evictor()
         self.budget = config.budget
         self.interval = config.interval_for(self.evictor)
+        self.decode_span = config.decode_span
         self.positions = config.positions
         self.evict_unit = config.evict_unit
         self.record_stats = config.record_stats
@@ -311,11 +319,11 @@ class TokenMemory(Cache):
             return
         keep = self.budget_tokens(layer.seen)
         if self.evictor.threshold is not None:  # the evictor sets the count: update every interval tokens
-            over_budget = keep is not None and layer.held > keep and q > 1
+            over_budget = keep is not None and layer.held > keep and q > self.decode_span
             if layer.since_evict >= self.interval or over_budget:
                 self.evict_layer(layer, keep)
             return
-        if layer.held <= keep or not (layer.since_evict >= self.interval or q > 1):
+        if layer.held <= keep or not (layer.since_evict >= self.interval or q > self.decode_span):
             return
         self.evict_layer(layer, keep)
 
