@@ -245,7 +245,8 @@ def test_decision_benchmark_runs_and_reports(dt_dir, tmp_path, capsys):
     spec.loader.exec_module(bench)
     out = tmp_path / "decision.json"
     assert bench.main(["--model", dt_dir, "--episodes", "2", "--batch", "2", "--max-steps", "30", "--budget", "12",
-                       "--history", "8", "--speed-steps", "3", "--out", str(out)]) == 0
+                       "--history", "8", "--speed-steps", "3", "--out", str(out),
+                       "--evictors", "full", "recent", "sink", "h2o", "namm"]) == 0
     result = json.loads(out.read_text())
     configs = [r["config"] for r in result["quality"]]
     assert configs == ["reference (K=20)", "cached full history", "cached recent", "cached sink", "cached h2o",
@@ -254,7 +255,7 @@ def test_decision_benchmark_runs_and_reports(dt_dir, tmp_path, capsys):
         assert len(row["returns"]) == 2 and np.isfinite(row["score_mean"])
     assert [s["history"] for s in result["speed"]] == [20, 8]
     for s in result["speed"]:
-        assert s["reference"] > 0 and s["cached"] > 0 and s["cached_full"] > 0
+        assert s["reference"] > 0 and s["cached"] > 0 and s["cached_full"] > 0 and s["cached_span"] > 0
     kept = result["namm_kept"]["modality"]
     assert set(kept) <= {"return", "state", "action"} and sum(kept.values()) > 0  # NAMM evicted at budget 12
     table = capsys.readouterr().out
