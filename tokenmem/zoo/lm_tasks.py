@@ -35,7 +35,13 @@ from .corpus import iter_files
 
 TASK_DIR = DATA_DIR / "lm_tasks"
 SPLITS = ("evolve", "eval")
-EXTRA_SPLITS = {"thirdparty": ("retrieval",)}  # held-out sets on other code (tokenmem.zoo.thirdparty)
+# Further sets of one task: ``select`` (retrieval prompts drawn from the *evolve* files, for choosing the memory
+# bank's defaults: benchmarks/bank_select.py) and ``thirdparty`` (a held-out set on other code,
+# tokenmem.zoo.thirdparty). SPLIT_SOURCE says which files each split is drawn from: selection code reads only
+# splits whose source is "evolve".
+EXTRA_SPLITS = {"select": ("retrieval",), "thirdparty": ("retrieval",)}
+SPLIT_SOURCE = {"evolve": "evolve", "select": "evolve", "eval": "eval", "thirdparty": "thirdparty"}
+SELECT_PER_DISTANCE = 12
 DISTANCES = (256, 512, 1024, 1536)
 MIN_FILE_CHARS = 8000
 
@@ -167,6 +173,16 @@ def build_task_files(tokenizer, out_dir: Path = TASK_DIR, seed: int = 0) -> dict
             path.write_text("".join(json.dumps(r) + "\n" for r in records))
             counts[f"{name}-{split}"] = len(records)
     return counts
+
+
+def build_select_file(tokenizer, out_dir: Path = TASK_DIR, seed: int = 0,
+                      per_distance: int = SELECT_PER_DISTANCE) -> int:
+    """Write ``retrieval-select.jsonl``: retrieval prompts planted in the *evolve* files (a seed of their own, so
+    they differ from ``retrieval-evolve``), enough of them (48) to choose the memory bank's defaults on."""
+    records = _retrieval(tokenizer, _long_files("evolve"), np.random.default_rng([seed, 11]), per_distance)
+    path = Path(out_dir) / "retrieval-select.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return len(records)
 
 
 def load_records(task: str, split: str, task_dir: Path = TASK_DIR) -> list[dict]:
@@ -342,6 +358,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     tok = AutoTokenizer.from_pretrained(args.tokenizer or stdlib_lm_path())
     print(build_task_files(tok, Path(args.out), args.seed))
+    print({"retrieval-select": build_select_file(tok, Path(args.out), args.seed)})
 
 
 if __name__ == "__main__":

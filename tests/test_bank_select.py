@@ -1,0 +1,73 @@
+"""The memory bank's defaults are chosen on the evolve files only (benchmarks/bank_select.py, issue 19)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tokenmem.errors import TokenmemError
+from tokenmem.zoo.lm_tasks import SPLIT_SOURCE, TASK_DIR, load_records
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def select():
+    spec = importlib.util.spec_from_file_location("bank_select", ROOT / "benchmarks" / "bank_select.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("source", ["eval", "thirdparty", str(TASK_DIR / "retrieval-eval.jsonl"),
+                                    str(TASK_DIR / "retrieval-thirdparty.jsonl"), "my/own/retrieval.jsonl", "nosuch"])
+def test_selection_refuses_every_split_not_drawn_from_the_evolve_files(select, source):
+    with pytest.raises(TokenmemError, match="bank default selection"):
+        select.selection_records(source)
+
+
+def test_the_benchmark_refuses_a_held_out_split_before_loading_anything(select, monkeypatch):
+    import transformers
+
+    def boom(*a, **k):  # loading a model would mean the check came too late
+        raise AssertionError("model loaded before the split was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    with pytest.raises(TokenmemError, match="'eval' split"):
+        select.main(["--split", "eval"])
+
+
+def test_the_select_set_is_drawn_from_the_evolve_files_only(select):
+    from tokenmem.zoo.lm_tasks import _long_files
+
+    split, records = select.selection_records(str(TASK_DIR / "retrieval-select.jsonl"))
+    assert split == "select" and SPLIT_SOURCE[split] == "evolve"
+    assert len(records) == 48 and {r["distance"] for r in records} == {256, 512, 1024, 1536}
+    evolve_lines = {line for f in _long_files("evolve") for line in f.text.split("\n")}
+    eval_only = {line for f in _long_files("eval") for line in f.text.split("\n")
+                 if len(line.strip()) > 30} - evolve_lines
+    assert eval_only
+    for r in records:
+        body = r["text"].split("\n")[:-1]  # the last line is the question
+        assert not eval_only.intersection(body)
+        assert sum(line in evolve_lines for line in body) >= len(body) - 1  # all but the planted definition
+    # the held-out sets share no prompt with it
+    held_out = {r["text"] for s in ("eval", "thirdparty") for r in load_records("retrieval", s)}
+    assert not held_out.intersection(r["text"] for r in records)
+    _, short = select.selection_records("select", per_distance=2)
+    assert len(short) == 8
+
+
+def test_search_moves_one_option_at_a_time_and_keeps_the_current_value_on_ties(select):
+    start = {"representative": "max", "recent_queries": 8, "chunk_size": 64, "retrieve": 4, "retrieve_every": 8}
+
+    def objective(c):  # best: mean, 4 queries, chunks of 32; retrieve_every does not matter
+        return ((c["representative"] == "mean") * 10 + (c["recent_queries"] == 4) * 5
+                + (c["chunk_size"] == 32) * 2 + (c["chunk_size"] * c["retrieve"] == 256))
+
+    chosen, trail = select.search(objective, start, sweeps=3, log=lambda s: None)
+    assert chosen == {"representative": "mean", "recent_queries": 4, "chunk_size": 32, "retrieve": 8,
+                      "retrieve_every": 8}
+    keys = [select.key(t["config"]) for t in trail]
+    assert len(keys) == len(set(keys))  # every configuration evaluated once
+    assert all(t["config"]["chunk_size"] * t["config"]["retrieve"] == 256 for t in trail)
