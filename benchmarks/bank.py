@@ -1,18 +1,27 @@
-"""Memory bank (MemLong-style, tokenmem/bank): retrieval exact match with and without the bank.
+"""Memory bank (MemLong-style, tokenmem/bank): retrieval exact match with and without the bank, on held-out data.
 
 What is measured
 ----------------
 The shipped standard-library Llama (``tokenmem/zoo/models/stdlib-llama``, the real ``from_pretrained``) runs
-the *eval* split of the shipped ``retrieval`` task (:class:`tokenmem.zoo.lm_tasks.RetrievalTask`): a value
-``_SECRET_7 = 48213`` planted near the start of real code, 256-1,536 tokens of code, then
-``assert _SECRET_7 == `` -> the value (exact match of its 5 digits, greedy). Every prompt is fed as the
-language report feeds it: chunks of 128 tokens, the memory evicting after each chunk once over budget (a
-fraction of the tokens seen), then greedy decoding; the first answer digit comes from the last prefill
-chunk's logits, so retrieval is refreshed on every prefill chunk.
+two held-out retrieval sets (:class:`tokenmem.zoo.lm_tasks.RetrievalTask`): a value ``_SECRET_7 = 48213``
+planted near the start of real code, 256-1,536 tokens of code, then ``assert _SECRET_7 == `` -> the value
+(exact match of its 5 digits, greedy), 12 prompts per distance:
 
-Rows: ``full`` (nothing evicted), then ``sink`` / ``h2o`` / ``namm`` x bank off / on x budget 25% / 50%, and a
-control per bank row: the evictor alone at a budget equal to what the bank row attended ("matched budget"), so
-the bank's gain is not just the extra tokens it brings back.
+* ``eval``: the eval split (standard-library files the model never trained on, none of them in the evolve split);
+* ``thirdparty``: the same construction on ``transformers``' own sources (:mod:`tokenmem.zoo.thirdparty`), code
+  from outside the standard library.
+
+The bank's defaults (``tokenmem.bank.Bank``) were chosen on the evolve files only, by ``benchmarks/bank_select.py``
+(results: ``benchmarks/results/bank_select.md``); this benchmark refuses to report on a split drawn from the
+evolve files, and nothing here feeds back into a default.
+
+Every prompt is fed as the language report feeds it: chunks of 128 tokens, the memory evicting after each chunk
+once over budget (a fraction of the tokens seen), then greedy decoding; the first answer digit comes from the last
+prefill chunk's logits, so retrieval is refreshed on every prefill chunk.
+
+Rows per set: ``full`` (nothing evicted), then every evictor x bank off / on x budget 25% / 50%, and for
+``--matched`` evictors (default sink, h2o, namm) a control per bank row: the evictor alone at a budget equal to
+what the bank row attended ("matched budget"), so the bank's gain is not just the extra tokens it brings back.
 Columns: exact match overall and per distance (x100); "value in view": the share of (prompt, layer, KV
 head) whose last prefill call attended every digit of the planted value (live in the cache or retrieved
 from the bank); KV held: the fraction of the tokens seen held at the end of the prompt (mean over layers);
@@ -20,17 +29,14 @@ attended: (held + retrieved) / seen in the last prefill call, i.e. what the atte
 brings ``retrieve x chunk_size`` tokens back per layer and KV head); bank MiB: host + spilled bytes of the
 bank at the end of the prompt (mean over prompts); s/prompt: wall time per prompt.
 
-The representative measurement runs ``sink`` + bank at both budgets with ``representative="max"``, ``"mean"``
-and ``"top"``, chunks scored against the mean of the call's last 8 queries (the default; at 25% also against
-the mean of all of the call's queries, and with ``retrieve_every=1``), and reports
-the same columns: which representative key puts the planted value back in view, and which gives the exact
-answer. The shift-position rows run ``sink`` with ``positions="shift"`` without the bank and with the
+The shift-position rows (eval set) run ``sink`` with ``positions="shift"`` without the bank and with the
 retrieved keys placed before the cache (``-r .. -1``) or all at position 0 (MemLong's choice).
 
 Usage::
 
-    python benchmarks/bank.py                           # the full tables (shipped model and NAMM scorer)
+    python benchmarks/bank.py                           # both held-out sets, every evictor (shipped model and scorer)
     python benchmarks/bank.py --quick                   # 2 prompts per distance
+    python benchmarks/bank.py --splits eval --evictors sink h2o --skip-shift
     python benchmarks/bank.py --model DIR --scorer untrained --quick   # smoke test on any local model
     python benchmarks/bank.py --json out.json --out report.md
 """
@@ -48,7 +54,8 @@ from pathlib import Path
 
 import torch
 
-EVICTORS = ("sink", "h2o", "namm")
+MATCHED = ("sink", "h2o", "namm")  # evictors that get a matched-budget control row by default
+SPLITS = ("eval", "thirdparty")
 BUDGETS = (0.25, 0.5)
 CHUNK = 128  # prefill chunk (as the language report)
 
@@ -170,63 +177,76 @@ def table(rows: list[dict], extra: tuple[str, ...] = ()) -> list[str]:
     return lines
 
 
+def held_out_records(split: str, per_distance: int | None) -> list[dict]:
+    """The retrieval prompts of a held-out ``split`` (the first ``per_distance`` of every distance); refuses a
+    split drawn from the evolve files, on which the bank's defaults were chosen."""
+    from tokenmem.errors import TokenmemError
+    from tokenmem.zoo.lm_tasks import SPLIT_SOURCE, RetrievalTask
+
+    if SPLIT_SOURCE.get(split) == "evolve":
+        raise TokenmemError(f"the bank report runs on held-out sets only; {split!r} is drawn from the evolve files, "
+                            f"on which benchmarks/bank_select.py chose the defaults: use {' or '.join(SPLITS)}")
+    records = RetrievalTask(split=split).records
+    if per_distance:
+        kept, counts = [], {}
+        for r in records:
+            counts[r["distance"]] = counts.get(r["distance"], 0) + 1
+            if counts[r["distance"]] <= per_distance:
+                kept.append(r)
+        records = kept
+    return records
+
+
 def main(argv=None) -> int:
+    from tokenmem.evictor_list import add_evictors_argument
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="model directory (default: the shipped stdlib Llama)")
     p.add_argument("--scorer", default=None,
                    help="NAMM scorer directory (default: the shipped language scorer); 'untrained' = NAMM's initial "
                         "scorer (smoke tests only)")
-    p.add_argument("--evictors", nargs="+", default=list(EVICTORS))
+    p.add_argument("--splits", nargs="+", default=list(SPLITS), help="held-out sets (default: eval thirdparty)")
+    add_evictors_argument(p, exclude=("full",))
+    p.add_argument("--matched", nargs="*", default=list(MATCHED),
+                   help="evictors that get a matched-budget control row (default: sink h2o namm)")
     p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     p.add_argument("--chunk-size", type=int, default=None, help="bank chunk size (default: Bank's)")
     p.add_argument("--retrieve", type=int, default=None, help="chunks retrieved (default: Bank's)")
     p.add_argument("--quick", action="store_true", help="2 prompts per distance")
     p.add_argument("--per-distance", type=int, default=None, help="prompts per distance (default: all)")
-    p.add_argument("--skip-main", action="store_true", help="only the representative measurement")
-    p.add_argument("--skip-representatives", action="store_true")
     p.add_argument("--skip-shift", action="store_true", help="skip the shift-mode placement rows")
-    p.add_argument("--no-matched", dest="matched", action="store_false",
-                   help="skip the control rows (no bank, budget = the bank row's attended fraction)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-full", dest="full", action="store_false", help="skip the full-cache row")
     p.add_argument("--json", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--merge", nargs="+", default=None,
                    help="merge JSON files written by --json (e.g. a run without namm and one with "
-                        "--evictors namm --no-full --skip-representatives --skip-shift) into one report")
+                        "--evictors namm --no-full --skip-shift) into one report")
     args = p.parse_args(argv)
     if args.merge:
         parts = [json.loads(Path(x).read_text()) for x in args.merge]
         meta = dict(parts[0]["meta"], wall_s=round(sum(d["meta"]["wall_s"] for d in parts), 1))
+        order = {name: i for i, name in enumerate(["full", *args.evictors])}
         rows = sorted((r for d in parts for r in _with_blocks(d["rows"])),
-                      key=lambda r: (r["_block"] is not None, r["_block"] or 0.0,
-                                     EVICTORS.index(r["method"]) if r["method"] in EVICTORS else -1))
+                      key=lambda r: (r.get("split", "eval"), r["_block"] is not None, r["_block"] or 0.0,
+                                     order.get(r["method"], len(order))))
         for r in rows:
             del r["_block"]
-        return _finish(rows, [r for d in parts for r in d["representatives"]],
-                       [r for d in parts for r in d["shift"]], meta, args)
+        return _finish(rows, [r for d in parts for r in d["shift"]], meta, args)
+    per = 2 if args.quick else args.per_distance
+    sets = {split: held_out_records(split, per) for split in args.splits}  # refused before any model is loaded
 
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tokenmem.bank import Bank
     from tokenmem.zoo import stdlib_lm_path
-    from tokenmem.zoo.lm_tasks import RetrievalTask
     from tokenmem.zoo.planting import VALUE_DIGITS
 
     torch.set_num_threads(args.threads)
     model_path = args.model or str(stdlib_lm_path())
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_path)
-    records = RetrievalTask(split="eval").records
-    per = 2 if args.quick else args.per_distance
-    if per:  # the first `per` prompts of every distance
-        kept, counts = [], {}
-        for r in records:
-            counts[r["distance"]] = counts.get(r["distance"], 0) + 1
-            if counts[r["distance"]] <= per:
-                kept.append(r)
-        records = kept
 
     def scorer():
         from tokenmem.plugins.namm import NAMM
@@ -237,52 +257,43 @@ def main(argv=None) -> int:
 
     overrides = {k: v for k, v in (("chunk_size", args.chunk_size), ("retrieve", args.retrieve)) if v is not None}
     t_start = time.perf_counter()
-    rows, reps, shifts = [], [], []
+    rows, shifts = [], []
 
-    def run(method, budget, bank, positions="original", **labels):
-        row = {"method": method, "bank": "on" if bank else "off", "budget": budget, **labels}
+    def run(split, method, budget, bank, positions="original", **labels):
+        row = {"split": split, "method": method, "bank": "on" if bank else "off", "budget": budget, **labels}
         try:
             factory = memory_factory(model, method, budget, bank, scorer, positions)
-            row.update(run_config(model, tok, records, factory, VALUE_DIGITS))
-        except Exception as exc:  # e.g. no shipped NAMM scorer yet: reported, not hidden
+            row.update(run_config(model, tok, sets[split], factory, VALUE_DIGITS))
+        except Exception as exc:  # e.g. an evictor that cannot run on this model: reported, not hidden
             row["error"] = f"{type(exc).__name__}: {exc}"
         print(json.dumps(row), flush=True)
         return row
 
-    if not args.skip_main:
+    for split in sets:
         if args.full:
-            rows.append(run("full", None, None))
+            rows.append(run(split, "full", None, None))
         for budget in args.budgets:
             for ev in args.evictors:
-                rows.append(run(ev, budget, None))
-                rows.append(run(ev, budget, Bank(**overrides)))
-                if args.matched and "attended" in rows[-1]:  # control: no bank, budget = what the bank row attended
+                rows.append(run(split, ev, budget, None))
+                rows.append(run(split, ev, budget, Bank(**overrides)))
+                if ev in args.matched and "attended" in rows[-1]:  # control: no bank, budget = what the bank row attended
                     matched = min(1.0, round(rows[-1]["attended"], 2))
-                    rows.append(run(ev, matched, None, control="matched"))
-    if not args.skip_representatives:
+                    rows.append(run(split, ev, matched, None, control="matched"))
+    if not args.skip_shift and "eval" in sets:
         for budget in args.budgets:
-            variants = [{}]  # the default query: the mean of the call's last 8 queries
-            if budget == min(args.budgets):
-                variants += [{"recent_queries": None}, {"retrieve_every": 1}]
-            for rep in ("max", "mean", "top"):
-                for variant in variants:
-                    bank = Bank(representative=rep, **{**overrides, **variant})
-                    reps.append(run("sink", budget, bank, representative=rep,
-                                    retrieve_every=bank.retrieve_every,
-                                    queries="all" if bank.recent_queries is None else f"last {bank.recent_queries}"))
-    if not args.skip_shift:
-        for budget in args.budgets:
-            shifts.append(run("sink", budget, None, "shift", placement="-"))
+            shifts.append(run("eval", "sink", budget, None, "shift", placement="-"))
             for placement in ("before", "zero"):
-                shifts.append(run("sink", budget, Bank(placement=placement, **overrides), "shift", placement=placement))
+                shifts.append(run("eval", "sink", budget, Bank(placement=placement, **overrides), "shift",
+                                  placement=placement))
     sample = Bank(**overrides)
-    meta = {"date": datetime.date.today().isoformat(), "model": model_path, "prompts": len(records),
+    meta = {"date": datetime.date.today().isoformat(), "model": model_path,
+            "prompts": {split: len(records) for split, records in sets.items()},
             "bank": f"chunk_size={sample.chunk_size}, retrieve={sample.retrieve}, retrieve_every={sample.retrieve_every}, "
                     f"representative={sample.representative}, recent_queries={sample.recent_queries}",
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "wall_s": round(time.perf_counter() - t_start, 1)}
-    return _finish(rows, reps, shifts, meta, args)
+    return _finish(rows, shifts, meta, args)
 
 
 def _with_blocks(rows: list[dict]) -> list[dict]:
@@ -296,29 +307,40 @@ def _with_blocks(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _finish(rows, reps, shifts, meta, args) -> int:
+SET_TITLES = {"eval": "eval split (standard-library files never trained on)",
+              "thirdparty": "third-party set (transformers' sources, code from outside the standard library)"}
+
+
+def _finish(rows, shifts, meta, args) -> int:
     """Write the markdown report (stdout, ``--out``) and the rows (``--json``)."""
-    model_path = meta["model"]
-    text = [f"## Memory bank: retrieval exact match ({meta['date']})", "",
-            f"Model `{model_path}`, retrieval eval split ({meta['prompts']} prompts), prefill chunks of {CHUNK}; bank "
-            f"{meta['bank']}; {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}; "
-            f"wall {meta['wall_s']} s.", ""]
-    if rows:
-        text += table(rows) + [""]
-    if reps:
-        text += ["### Representative key (sink + bank)", ""]
-        text += table(reps, ("representative", "retrieve_every", "queries")) + [""]
+    prompts = meta["prompts"] if isinstance(meta["prompts"], dict) else {"eval": meta["prompts"]}
+    text = [f"## Memory bank: retrieval exact match on held-out data ({meta['date']})", "",
+            f"Model `{meta['model']}`, prefill chunks of {CHUNK}; bank defaults {meta['bank']}, chosen on the evolve "
+            f"files by benchmarks/bank_select.py; {meta['machine']}; torch {meta['torch']}, "
+            f"transformers {meta['transformers']}; wall {meta['wall_s']} s.", ""]
+    for split in prompts:
+        block = [r for r in rows if r.get("split", "eval") == split]
+        if block:
+            text += [f"### {SET_TITLES.get(split, split)}: {prompts[split]} prompts", ""]
+            text += table(block) + [""]
+            full = next((r for r in block if r["method"] == "full" and "em" in r), None)
+            if full and full["em"]:
+                ratios = [f"{100 * r['em'] / full['em']:.0f}% at {r['budget']:.0%} KV" for r in block
+                          if r["method"] == "sink" and r["bank"] == "on" and "em" in r]
+                if ratios:
+                    text += [f"sink + bank as a share of the full cache's exact match: {', '.join(ratios)}.", ""]
     if shifts:
-        text += ["### Shift positions: where retrieved keys go (sink + bank, positions=\"shift\")", ""]
+        text += ["### Shift positions: where retrieved keys go (eval set, sink + bank, positions=\"shift\")", ""]
         text += table(shifts, ("placement",)) + [""]
-    errors = [r for r in rows + reps + shifts if "error" in r]
+    errors = [r for r in rows + shifts if "error" in r]
     if errors:
-        text += ["Not run:"] + [f"- {r['method']} bank {r['bank']} at {r['budget']:.0%}: {r['error']}" for r in errors]
+        text += ["Not run:"] + [f"- {r.get('split', 'eval')}: {r['method']} bank {r['bank']} at "
+                                f"{'-' if r['budget'] is None else format(r['budget'], '.0%')}: {r['error']}"
+                                for r in errors]
     report = "\n".join(text) + "\n"
     print(report)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "representatives": reps, "shift": shifts, "meta": meta},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps({"rows": rows, "shift": shifts, "meta": meta}, indent=1))
     if args.out:
         Path(args.out).write_text(report)
     return 0

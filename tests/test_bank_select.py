@@ -71,3 +71,36 @@ def test_search_moves_one_option_at_a_time_and_keeps_the_current_value_on_ties(s
     keys = [select.key(t["config"]) for t in trail]
     assert len(keys) == len(set(keys))  # every configuration evaluated once
     assert all(t["config"]["chunk_size"] * t["config"]["retrieve"] == 256 for t in trail)
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("bank_report", ROOT / "benchmarks" / "bank.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("split", ["select", "evolve"])
+def test_the_bank_report_refuses_the_splits_the_defaults_were_chosen_on(report, split):
+    with pytest.raises(TokenmemError, match="held-out sets only"):
+        report.main(["--splits", split])
+
+
+def test_the_bank_report_runs_on_both_held_out_sets(report, tmp_path):
+    import json
+
+    out = tmp_path / "bank.json"
+    assert report.main(["--per-distance", "1", "--budgets", "0.25", "--evictors", "sink", "--matched", "sink",
+                        "--skip-shift", "--threads", "1", "--json", str(out), "--out", str(tmp_path / "bank.md")]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["split"], r["method"], r["bank"], r.get("control")) for r in rows] == [
+        (s, m, b, c) for s in ("eval", "thirdparty")
+        for m, b, c in (("full", "off", None), ("sink", "off", None), ("sink", "on", None), ("sink", "off", "matched"))]
+    for r in rows:
+        assert r["prompts"] == 4 and "error" not in r
+    for s in ("eval", "thirdparty"):
+        off, on, control = [r for r in rows if r["split"] == s][1:]
+        assert on["attended"] > off["attended"] + 0.2 and control["budget"] == min(1.0, round(on["attended"], 2))
+    text = (tmp_path / "bank.md").read_text()
+    assert "### eval split" in text and "### third-party set" in text and "chosen on the evolve files" in text
