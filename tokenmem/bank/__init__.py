@@ -18,14 +18,17 @@ chunks retrieved least often. This module is the training-free form of that idea
   call's queries and the chunk's keys) or ``"top"`` (the key that accumulated the most attention mass while
   it was live, the H2O criterion). In ``shift`` mode keys are compared re-rotated to position 0, so chunks
   compare on content rather than on the cache slot they were evicted from. The query is the mean of the
-  call's last ``recent_queries`` (default 8) queries over the KV head's query group: a 128-token prefill
+  call's last ``recent_queries`` (default 4) queries over the KV head's query group: a 128-token prefill
   chunk's mean query is dominated by its older tokens, while the newest few say what is being asked.
-  *Measured* (``benchmarks/bank.py``, shipped stdlib Llama, 48 planted-value retrieval prompts at 25% budget,
-  sink + bank, exact match): ``"max"`` 83.3% with the last 8 queries (43.8% with all of the call's queries),
-  ``"mean"`` 62.5% (39.6%), ``"top"`` 47.9% (50.0%); sink alone 0%, the full cache 85.4% (README, "Memory
-  bank"). ``"max"`` costs one ``[d] x [d, tokens]`` product per refresh
-  over the banked keys of a stream (host memory), so it needs them in host memory: with ``spill_dir`` use
-  ``"mean"`` or ``"top"``, whose one key per chunk stays in host memory.
+* **Defaults** (``chunk_size=32``, ``retrieve=8``, ``retrieve_every=1``, ``representative="max"``,
+  ``recent_queries=4``) were chosen on the *evolve* files only, by ``benchmarks/bank_select.py``: a coordinate
+  search on 48 planted-value retrieval prompts (the ``select`` set), objective sink + bank exact match at 25% and
+  50% KV, with the tokens brought back fixed beforehand at 256 per layer and KV head. Measured there: 81.25
+  (the full cache: 81.2) against 69.8 for the previous defaults (64 x 4, last 8 queries, refresh every 8);
+  ``"mean"`` 66.7, ``"top"`` 52.1, all of a chunk's queries 54.2 (``benchmarks/results/bank_select.md``). The
+  held-out figures are in ``benchmarks/results/bank.md`` (README, "Memory bank"). ``"max"`` costs one
+  ``[d] x [d, tokens]`` product per refresh over the banked keys of a stream (host memory), so it needs them in
+  host memory: with ``spill_dir`` use ``"mean"`` or ``"top"``, whose one key per chunk stays in host memory.
 * **Retrieval.** For each forward call of a layer with a non-empty bank, every multi-token call (a prefill
   chunk) and every ``retrieve_every`` decode steps, each (batch row, KV head) scores its chunks against the
   call's query (the mean of its last ``recent_queries`` valid queries over the KV head's query group, see
@@ -76,7 +79,8 @@ DROP_LOG = 4096  # dropped-chunk records kept in MemoryBank.dropped (the counts 
 
 @dataclass
 class Bank:
-    """Options of the memory bank (pass to ``TokenMemory(..., bank=Bank(...))``; ``bank=True`` uses defaults).
+    """Options of the memory bank (pass to ``TokenMemory(..., bank=Bank(...))``; ``bank=True`` uses defaults,
+    chosen on the evolve files by ``benchmarks/bank_select.py``).
 
     Args:
         chunk_size: evicted tokens per chunk (per batch row and KV head).
@@ -95,13 +99,13 @@ class Bank:
             or at positions ``-r .. -1`` (``"before"``); ``original`` mode keeps their original positions.
     """
 
-    chunk_size: int = 64
-    retrieve: int = 4
-    retrieve_every: int = 8
+    chunk_size: int = 32
+    retrieve: int = 8
+    retrieve_every: int = 1
     max_chunks: int | None = None
     spill_dir: str | os.PathLike | None = None
     representative: str | None = None
-    recent_queries: int | None = 8
+    recent_queries: int | None = 4
     placement: str = "zero"
 
     def __post_init__(self):
