@@ -123,13 +123,11 @@ def _retrieval(tok, files, rng, per_distance) -> list[dict]:
         while made < per_distance:
             name, value = planting.random_name(rng, ("SECRET",)), planting.random_value(rng)
             start = int(rng.integers(0, len(lines) - 2000))
-            lead, body, chars, k = [], [], 0, start
+            lead, chars, k = [], 0, start
             while chars < 150:
                 lead.append(lines[k]); chars += len(lines[k]) + 1; k += 1
             head = "\n".join(lead + [planting.definition(name, value)]) + "\n"
-            count = 0
-            while count < distance:  # whole lines until ~distance tokens (lines tokenized one by one)
-                body.append(lines[k]); count += len(tok(lines[k] + "\n", add_special_tokens=False)["input_ids"]); k += 1
+            body, k = planting.filler_lines(tok, lines, k, distance)
             text = head + "\n".join(body) + "\n" + planting.query_prefix(name)
             if f"{name} " in "\n".join(body):
                 continue

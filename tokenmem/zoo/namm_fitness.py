@@ -76,11 +76,7 @@ def _retrieval(tok, files, rng, per_distance) -> list[dict]:
         while made < per_distance:
             name, value = planting.random_name(rng, ("SECRET",)), planting.random_value(rng)
             start = int(rng.integers(0, len(lines) - 4000))
-            body, count, k = [], 0, start + 400  # 400 lines of filler before the definition (trimmed below)
-            while count < distance:  # whole lines until ~distance tokens
-                body.append(lines[k])
-                count += len(tok(lines[k] + "\n", add_special_tokens=False)["input_ids"])
-                k += 1
+            body, _ = planting.filler_lines(tok, lines, start + 400, distance)  # after 400 lines of filler (trimmed below)
             if f"{name} " in "\n".join(body):
                 continue
             head = "\n".join(lines[start : start + 400] + [planting.definition(name, value)]) + "\n"

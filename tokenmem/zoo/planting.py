@@ -35,6 +35,18 @@ def query_prefix(name: str) -> str:
     return f"assert {name} == "
 
 
+def filler_lines(tok, lines: list[str], start: int, tokens: int) -> tuple[list[str], int]:
+    """Whole lines of ``lines`` from index ``start`` until they count at least ``tokens`` tokens (each line
+    tokenized with its newline, one by one): the code a retrieval prompt puts between its definition and its
+    query. Returns the lines and the index after them."""
+    body, count, k = [], 0, start
+    while count < tokens:
+        body.append(lines[k])
+        count += len(tok(lines[k] + "\n", add_special_tokens=False)["input_ids"])
+        k += 1
+    return body, k
+
+
 def distinct_names(rng: np.random.Generator, count: int) -> list[str]:
     names: list[str] = []
     while len(names) < count:
