@@ -62,11 +62,14 @@ def plot_curve(log: dict, png: Path) -> None:
     ax.plot(gens, log["best_fitness"], ".-", alpha=0.6, label="best member of the generation")
     if log.get("final"):  # the mean after the last update: the shipped scorer
         ax.plot([gens[-1] + 1], [log["final"]["mean_fitness"]], "*", markersize=12, label="final mean (shipped)")
+    likelihood = any("likelihood" in str(t).lower() or "perplexity" in str(t).lower() for t in log.get("tasks", []))
     ax.set_xlabel("generation")
-    ax.set_ylabel("fitness (score / full-cache score, mean over tasks)")
+    ax.set_ylabel("fitness (mean exp(logp - logp full) over tasks)" if likelihood
+                  else "fitness (score / full-cache score, mean over tasks)")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("NAMM language scorer: CMA-ES on code completion + retrieval")
+    ax.set_title("NAMM language scorer v2: CMA-ES, likelihood fitness" if likelihood
+                 else "NAMM language scorer: CMA-ES on code completion + retrieval")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
 
