@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokenmem.errors import TokenmemError
+from tokenmem.errors import InputError, TokenmemError
 from tokenmem.memory import TokenMemory
 from tokenmem.meta import MODALITIES, PROTECT, SEPARATOR, TokenMeta
 from tokenmem.separators import separator_ids
@@ -60,6 +60,13 @@ class Prompt:
                       move(self.inputs_embeds), {k: move(v) for k, v in self.model_inputs.items()})
 
 
+def check_prompt(prompt: Prompt) -> None:
+    """An empty prompt (no tokens) cannot be prefilled or generated from: say so before the model fails on it."""
+    if prompt.input_ids.dim() != 2 or prompt.length == 0 or prompt.input_ids.shape[0] == 0:
+        raise InputError(f"the prompt has no tokens (input ids of shape {tuple(prompt.input_ids.shape)}); give at "
+                         "least one token per row (a BOS token, or text)")
+
+
 def check_chunk(chunk, what: str = "prefill chunk") -> None:
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise TokenmemError(f"{what} must be a positive number of tokens, got {chunk!r}")
@@ -75,6 +82,7 @@ def prefill(model, memory: TokenMemory, prompt: Prompt, chunk: int) -> None:
     ``prompt.inputs_embeds`` when the modality placed media features in them.
     """
     check_chunk(chunk)
+    check_prompt(prompt)
     if memory.seen:
         raise TokenmemError("prefill() needs a fresh TokenMemory (this one has already seen tokens)")
     total = prompt.length - 1
@@ -98,6 +106,7 @@ def generate(model, memory: TokenMemory, prompt: Prompt, *, prefill_chunk: int |
     """``model.generate`` under ``memory``: the whole prompt in generate's first call (with the modality's
     extra inputs), or after :func:`prefill` in chunks of ``prefill_chunk`` tokens. Returns what generate
     returns (the sequences ``[b, prompt + new]`` unless asked for more)."""
+    check_prompt(prompt)
     if prefill_chunk is None:
         if prompt.meta is not None:
             memory.annotate(prompt.meta)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from tokenmem.errors import TokenmemError
+from tokenmem.files import check_weights_dir
 from tokenmem.memory import TokenMemory
 from tokenmem.meta import MODALITIES, TokenMeta
 
@@ -79,6 +80,7 @@ class DecisionAdapter:
         if not os.path.isdir(path):
             raise TokenmemError(f"model path {path!r} is not a local directory; train one with "
                                 "`python -m tokenmem.envs.train_dt` or pass the directory it wrote")
+        check_weights_dir(path)
         try:
             model = DecisionTransformerModel.from_pretrained(path)
         except (OSError, ValueError) as exc:

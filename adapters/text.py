@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmem.errors import TokenmemError
+from tokenmem.files import load_pretrained
 from tokenmem.memory import TokenMemory
 from tokenmem.separators import SEPARATOR_TEXTS, separator_ids  # noqa: F401  (re-exported)
 
@@ -30,8 +31,8 @@ def load_causal_lm(path: str, *, dtype: torch.dtype | str = "auto", **kwargs):
             f"model path {path!r} is not a local directory; tokenmem loads models with from_pretrained on a local "
             "path (save one with model.save_pretrained(path) and tokenizer.save_pretrained(path))"
         )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path)
+    model = load_pretrained(AutoModelForCausalLM.from_pretrained, path, dtype=dtype, **kwargs)
     model.eval()
     prepare_tokenizer(tokenizer)
     return model, tokenizer

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokenmem.errors import TokenmemError
+from tokenmem.errors import InputError, TokenmemError
+from tokenmem.files import load_pretrained
 from tokenmem.memory import TokenMemory
 from tokenmem.meta import TokenMeta
 
@@ -57,8 +58,8 @@ def load_llava_next_video(path: str, *, dtype: torch.dtype | str = torch.float32
     if not os.path.isdir(path):
         raise TokenmemError(f"model path {path!r} is not a local directory; tokenmem loads models with "
                             "from_pretrained on a local path (model, tokenizer and processor files saved there)")
-    model = LlavaNextVideoForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_pretrained(LlavaNextVideoForConditionalGeneration.from_pretrained, path, dtype=dtype, **kwargs).eval()
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path)
     template = tokenizer.chat_template
     legacy = os.path.join(path, "chat_template.json")  # processors saved by transformers 4.x
     if template is None and os.path.isfile(legacy):
@@ -142,6 +143,8 @@ class VideoQA(Adapter):
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise TokenmemError(f"a video is a file path, a Clip, or uint8 frames [T, H, W, 3]; got {frames.shape} "
                                 f"{frames.dtype}")
+        if frames.shape[0] == 0:
+            raise InputError(f"the video has no frames (frames of shape {frames.shape}); give at least one frame")
         n = frames.shape[0]
         return Clip(frames=frames, timestamps=np.arange(n, dtype=np.float64), indices=np.arange(n), fps=1.0,
                     total_frames=n)
@@ -163,6 +166,8 @@ class VideoQA(Adapter):
             raise TokenmemError(f"the videos of one batch must have the same number of frames, got {sorted(counts)}; "
                                 "sample them with the same frames= (or ask them one by one)")
         frames = counts.pop()
+        if frames == 0:
+            raise InputError("the video has no frames; give at least one frame")
         pixels = torch.stack([self.preprocessor(c.frames) for c in clips]).to(self.model.dtype)
         texts = []
         for question in questions:

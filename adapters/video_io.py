@@ -82,8 +82,15 @@ def read_video(path, num_frames: int | None = 32, *, fps: float | None = None, r
         raise VideoError(f"reader must be one of {READERS}, got {reader!r}")
     if fps is not None:
         num_frames = None
+    if os.path.isdir(path):
+        raise VideoError(f"{path!r} is a directory, not a video file; give the path of a video file (mp4, mkv, avi, ...)")
     if not os.path.isfile(path):
         raise VideoError(f"video file {path!r} does not exist; give the path of a video file (mp4, mkv, avi, ...)")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise VideoError(f"video file {path!r} cannot be read ({exc}); check its permissions") from exc
     if reader == "auto":
         order = [r for r in ("decord", "pyav") if _available(r)]
         if not order:
@@ -186,6 +193,8 @@ def write_video(path, frames: np.ndarray, fps: int = 8, codec: str = "libx264", 
     frames = np.asarray(frames, dtype=np.uint8)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[1] % 2 or frames.shape[2] % 2:
         raise TokenmemError(f"frames must be [T, H, W, 3] uint8 with even H and W, got {frames.shape}")
+    if frames.shape[0] == 0:
+        raise TokenmemError(f"cannot write a video without frames (got {frames.shape}) to {os.fspath(path)!r}")
     path = os.fspath(path)
     with av.open(path, mode="w") as container:
         stream = container.add_stream(codec, rate=fps)

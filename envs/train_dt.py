@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from tokenmem.errors import TokenmemError
+from tokenmem.files import load_torch, save_torch
 
 from .datasets import Episode, episodes_of, load_dataset, state_stats
 from .mujoco_tasks import get_task
@@ -94,9 +94,7 @@ def settings_of(args, env_id: str, mean, std, dataset_id: str) -> dict:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_torch(state, path)  # atomic, with a checksum that load_torch verifies
 
 
 def _dt_step(model, optimizer, scheduler, batch: dict, grad_clip: float) -> torch.Tensor:
@@ -157,7 +155,7 @@ def train(args) -> dict:
     if ckpt_path.exists():
         if not args.resume:
             raise TokenmemError(f"{ckpt_path} exists; pass --resume to continue that run or choose another --out")
-        state = torch.load(ckpt_path, weights_only=False)
+        state = load_torch(ckpt_path, "DT training checkpoint", "delete it to train from step 0, or restore a copy")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

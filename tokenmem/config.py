@@ -9,6 +9,7 @@ independent memories.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -24,10 +25,14 @@ def validate_budget(budget) -> int | float | None:
     """A budget is None (keep all), an int >= 1 (tokens per layer and KV head) or a float in (0, 1]."""
     if budget is None:
         return None
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+    if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
+        budget = int(budget)  # numpy integers too
+    elif isinstance(budget, numbers.Real) and not isinstance(budget, bool):
+        budget = float(budget)
+    else:
         raise BudgetError(
             f"budget must be an int (tokens per layer and KV head) or a float in (0, 1] (fraction of tokens seen), "
-            f"got {budget!r}"
+            f"got {budget!r} ({type(budget).__name__}); e.g. budget=256 or budget=0.25"
         )
     if isinstance(budget, float):
         if not (0.0 < budget <= 1.0) or math.isnan(budget):

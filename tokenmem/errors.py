@@ -22,3 +22,17 @@ class UnsupportedModelError(TokenmemError, TypeError):
 
 class MemoryStateError(TokenmemError, RuntimeError):
     """A TokenMemory used in a way that does not match what it holds (e.g. another batch)."""
+
+
+class InputError(TokenmemError, ValueError):
+    """Input a memory or adapter cannot use: NaN or inf keys/values, a call or prompt without tokens, a video
+    without frames. Raised before anything is stored, so the memory stays as it was."""
+
+
+class CorruptFileError(TokenmemError):
+    """A file tokenmem reads back (a training checkpoint, a NAMM scorer, model weights) that is truncated, fails
+    its checksum or cannot be parsed; ``path`` is the file."""
+
+    def __init__(self, message: str, path=None):
+        super().__init__(message)
+        self.path = None if path is None else str(path)

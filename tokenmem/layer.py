@@ -8,7 +8,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from . import kernels
 from .attention import expect_attention
-from .errors import MemoryStateError, TokenmemError
+from .errors import InputError, MemoryStateError, TokenmemError
 from .meta import FIELDS, TokenMeta
 
 CROP_ERROR = ("a TokenMemory cannot be cropped (evicted tokens cannot be restored); "
@@ -161,6 +161,7 @@ class MemoryLayer(CacheLayerMixin):
                 f"({self.seen} tokens seen) but received a batch of {b} x {h}: a memory belongs to one prompt batch. "
                 "Create a new TokenMemory (or call memory.reset()) for a new batch"
             )
+        self._check_input(key_states, value_states, q)
         needed = self.held + q
         if self._k is None or needed > self.capacity:
             # grow by 1.25x (amortised O(1) appends without doubling the memory of a long context)
@@ -178,6 +179,38 @@ class MemoryLayer(CacheLayerMixin):
         keys = self._k[:, :, :needed]
         expect_attention(self.memory, self.index, keys)
         return keys, self._v[:, :, :needed]
+
+    def _check_input(self, key_states: torch.Tensor, value_states: torch.Tensor, q: int) -> None:
+        """Refuse, before anything is stored: an empty call, NaN or inf keys/values, and (at layer 0) a memory that an
+        earlier forward call left part-way (its first layers took that call's tokens, the others did not)."""
+        if self.index == 0 and self.seen:
+            every = self.memory.context.num_layers > 0  # a model's memory has all its layers from the start
+            behind = [layer.index for layer in self.memory.layers[1:]
+                      if (every or layer.is_initialized) and layer.seen != self.seen]
+            if behind:
+                raise MemoryStateError(
+                    f"an earlier forward call stopped part-way through this TokenMemory (an error or an interrupt "
+                    f"inside the model): layer 0 has seen {self.seen} tokens but layer {behind[0]} has seen "
+                    f"{self.memory.layers[behind[0]].seen}, so it no longer holds one stream. Call memory.reset() (or "
+                    "create a new TokenMemory) and feed the prompt again"
+                )
+        if q == 0:
+            raise InputError(f"layer {self.index} received a call without tokens; give the model at least one token "
+                             "(an empty prompt cannot be stored or generated from)")
+        # one reduction per tensor (NaN and inf propagate through a sum); the exact test only when it is not finite
+        total = key_states.sum(dtype=torch.float32) + value_states.sum(dtype=torch.float32)
+        if not bool(torch.isfinite(total)):
+            bad = [name for name, t in (("keys", key_states), ("values", value_states))
+                   if not bool(torch.isfinite(t).all())]
+            if bad:  # (else: finite values whose sum overflowed float32)
+                stored = ("the memory stored nothing of this call" if self.index == 0 else
+                          f"layers 0-{self.index - 1} stored this call already, so call memory.reset() before reusing it")
+                raise InputError(
+                    f"layer {self.index} received {' and '.join(bad)} with NaN or inf values for {q} new token(s), "
+                    f"so attention over them would be NaN; {stored}. Check the model's "
+                    "inputs (inputs_embeds, pixel values, states) and weights for NaN/inf, or use float32/bfloat16 "
+                    "if float16 overflows"
+                )
 
     def get_seq_length(self) -> int:
         # Tokens *seen*, not held: models derive position ids and generate slices inputs from this.

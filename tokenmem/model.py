@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import NAME, register
-from .errors import TokenmemError, UnsupportedModelError
+from .errors import InputError, TokenmemError, UnsupportedModelError
 
 _posted = threading.local()  # per thread: {(id(context), name): tensor} posted by the hooks of a forward call
 
@@ -35,8 +35,14 @@ class ModelContext:
     default_separator_ids: torch.Tensor | None = None  # prepare_model(separator_ids=...): copied by new memories
     hooks: list = field(default_factory=list)
     config: object = None  # the (text) config whose _attn_implementation must stay "tokenmem"
+    restored: bool = False  # set by restore_model: the memories made on this context are done
 
     def check_attention(self) -> None:
+        if self.restored:
+            raise TokenmemError(
+                "this TokenMemory was made for a model that tokenmem.restore_model() has since restored (its hooks are "
+                "gone, so the memory would lose its token ids and positions); create a new TokenMemory with the model"
+            )
         if self.config is not None and self.config._attn_implementation != NAME:
             raise TokenmemError(
                 f"the model's attention is {self.config._attn_implementation!r}, not 'tokenmem' (was "
@@ -94,6 +100,9 @@ def _is_mrope(rotary, config) -> bool:
 def _install_hooks(model, ctx: ModelContext) -> None:
     def post_ids(_module, args, _ctx=ctx):
         ids = args[0] if args else None
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] == 0:
+            raise InputError(f"the model was called without tokens (input ids of shape {tuple(ids.shape)}); give at "
+                             "least one token per row (a BOS token, or text)")
         _ctx.post("input_ids", ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None)
 
     ctx.hooks.append(model.get_input_embeddings().register_forward_pre_hook(post_ids))
@@ -160,5 +169,6 @@ def restore_model(model) -> None:
         return
     for hook in ctx.hooks:
         hook.remove()
+    ctx.restored = True
     model.set_attn_implementation(ctx.previous_attn or "sdpa")
     del model._tokenmem_context

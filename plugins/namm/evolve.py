@@ -41,7 +41,9 @@ and rank 0 updates the strategy, checkpoints and logs. Fitness values are bitwis
 processes.
 
 **Checkpoints.** After every generation rank 0 writes ``<out>/checkpoint.pkl`` atomically (temp file,
-fsync, ``os.replace``): the pickled :class:`cma.CMAEvolutionStrategy` (which owns its random stream,
+fsync, ``os.replace``; the pickle is followed by its SHA-256, see :mod:`tokenmem.files`, so a damaged file
+is refused by name instead of resuming from wrong numbers; checkpoints written before the checksum load
+unchecked): the pickled :class:`cma.CMAEvolutionStrategy` (which owns its random stream,
 see :class:`_Randn`), the number of completed generations, the fitness history, the mean and best
 vectors, the normalisation statistics, the full-cache reference scores, the settings and the numpy and
 torch RNG states. ``resume=True`` continues from it: no generation is lost or repeated and the result
@@ -71,6 +73,7 @@ import numpy as np
 import torch
 
 from tokenmem.errors import TokenmemError
+from tokenmem.files import load_pickle, seal
 from tokenmem.memory import TokenMemory
 
 from .config import NAMMConfig
@@ -363,9 +366,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def load_checkpoint(out_dir) -> dict:
     path = Path(out_dir) / CHECKPOINT
     _import_cma()  # unpickling the strategy imports cma: do it with its import-time warning silenced
-    with open(path, "rb") as f:
-        state = pickle.load(f)
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
+    state = load_pickle(path, "NAMM evolution checkpoint",
+                        "delete it (and evolution.json) to start the evolution again, or restore a copy")
+    if (not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT
+            or state.get("version") != CHECKPOINT_VERSION):
         raise TokenmemError(f"{path} is not a tokenmem NAMM evolution checkpoint (version {CHECKPOINT_VERSION})")
     return state
 
@@ -525,7 +529,7 @@ def _evolve(tasks, out, settings, config, models, resume, callback, progress, di
                 state["numpy_rng"] = np.random.get_state()
                 state["torch_rng"] = torch.get_rng_state()
                 if out is not None:
-                    _atomic_write(out / CHECKPOINT, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+                    _atomic_write(out / CHECKPOINT, seal(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)))
                     _write_log(out, state, fitness, settings, final=None)
                 if bar is not None:
                     bar.update(1)

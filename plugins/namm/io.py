@@ -1,14 +1,17 @@
 """NAMM scorer files: ``<path>/scorer.safetensors`` (parameters + normalisation buffers) and
-``<path>/scorer.json`` (format version, feature settings, parameter layout)."""
+``<path>/scorer.json`` (format version, feature settings, parameter layout, and the SHA-256 of the
+safetensors file, so a damaged or swapped weights file is refused by name; scorers saved before the
+checksum existed load unchecked)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from tokenmem.errors import TokenmemError
+from tokenmem.errors import CorruptFileError, TokenmemError
 
 from .config import NAMMConfig
 from .scorer import layout, num_params
@@ -24,8 +27,13 @@ def write_scorer(path, cfg: NAMMConfig, params, norm_mean, norm_var) -> None:
     save_file({"params": params.contiguous().float(), "norm_mean": norm_mean.contiguous().float(),
                "norm_var": norm_var.contiguous().float()}, str(path / "scorer.safetensors"))
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_dict(),
-            "num_params": num_params(cfg), "layout": [[name, list(shape)] for name, shape in layout(cfg)]}
+            "num_params": num_params(cfg), "layout": [[name, list(shape)] for name, shape in layout(cfg)],
+            "sha256": _sha256(path / "scorer.safetensors")}
     (path / "scorer.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _sha256(file: Path) -> str:
+    return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 def read_scorer(path):
@@ -36,8 +44,11 @@ def read_scorer(path):
         raise TokenmemError(f"{path} is not a NAMM scorer directory: expected scorer.json and scorer.safetensors")
     try:
         meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise TokenmemError(f"{meta_file} is not valid JSON ({exc}); the scorer file is corrupt") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{meta_file} is not valid JSON ({exc}); the scorer file is corrupt: save the "
+                               "scorer again or restore a copy", meta_file) from exc
+    if not isinstance(meta, dict):
+        raise CorruptFileError(f"{meta_file} does not hold a JSON object; the scorer file is corrupt", meta_file)
     if meta.get("format") != FORMAT:
         raise TokenmemError(f"{meta_file} is not a tokenmem NAMM scorer (format {meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -52,7 +63,12 @@ def read_scorer(path):
     try:
         tensors = load_file(str(weights_file))
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
-        raise TokenmemError(f"cannot read {weights_file}: {exc}") from exc
+        raise CorruptFileError(f"cannot read {weights_file}: {exc}; the file is truncated or corrupt: save the "
+                               "scorer again or restore a copy", weights_file) from exc
+    if "sha256" in meta and _sha256(weights_file) != meta["sha256"]:
+        raise CorruptFileError(f"{weights_file} does not match the SHA-256 recorded in {meta_file}: the weights file "
+                               "is damaged or was replaced without its scorer.json; save the scorer again (both files "
+                               "together) or restore a copy", weights_file)
     shapes = {"params": (num_params(cfg),), "norm_mean": (cfg.bins,), "norm_var": (cfg.bins,)}
     for name, shape in shapes.items():
         if name not in tensors:

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import load_torch, save_torch, trim_jsonl
 from . import planting
 from .corpus import iter_files, manifest
 from .lm_eval import (exact_match, heldout_loss, heldout_perplexity, heldout_windows, repeat_accuracy,
@@ -177,9 +178,7 @@ def weighted_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    save_torch(obj, path)  # atomic, with a checksum that load_torch verifies
 
 
 def _tokenizer(work: Path):
@@ -205,7 +204,7 @@ def _model_and_optimiser(args, work: Path, tok):
     step, gate_step = 0, None
     ckpt = work / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = load_torch(ckpt, "LM training checkpoint", "delete it to train from step 0, or restore a copy")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, gate_step = state["step"], state["gate_step"]
@@ -217,10 +216,8 @@ def _trim_log(work: Path, step: int) -> float:
     """Keep only the log of the steps the checkpoint includes; returns the training seconds they took."""
     if not (step and (work / "log.jsonl").exists()):
         return 0.0
-    kept = [line for line in (work / "log.jsonl").read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    (work / "log.jsonl").write_text("".join(line + "\n" for line in kept))
-    return json.loads(kept[-1])["elapsed"] if kept else 0.0
+    kept = trim_jsonl(work / "log.jsonl", step)
+    return kept[-1]["elapsed"] if kept else 0.0
 
 
 def _optimise(model, opt, batch: torch.Tensor, weights: torch.Tensor, lr: float) -> torch.Tensor:

@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -71,6 +70,7 @@ import numpy as np
 import torch
 
 from tokenmem.errors import TokenmemError
+from tokenmem.files import load_torch, save_torch, trim_jsonl
 
 from . import video_task as task
 
@@ -160,14 +160,12 @@ def optimiser(model, lr: float, lr_lm: float):
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    save_torch(obj, path)  # atomic, with a checksum that load_torch verifies
 
 
 def _resume(ckpt: Path, log_path: Path, spec: Spec, model, opt) -> tuple[int, float]:
     """Load a checkpoint into ``model``/``opt`` (and torch's RNG), trim the log to it; ``(step, seconds trained)``."""
-    state = torch.load(ckpt, weights_only=False)
+    state = load_torch(ckpt, "video training checkpoint", "delete it to train from step 0, or restore a copy")
     if state["spec"] != asdict(spec):
         raise TokenmemError(f"{ckpt} was trained with {state['spec']}, this run asks for {asdict(spec)}; "
                             "resume with the same size flags (--tiny, --frames) or choose another --out")
@@ -175,8 +173,7 @@ def _resume(ckpt: Path, log_path: Path, spec: Spec, model, opt) -> tuple[int, fl
     opt.load_state_dict(state["opt"])
     torch.set_rng_state(state["rng"])
     step, elapsed = state["step"], state["elapsed"]
-    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    log_path.write_text("".join(line + "\n" for line in kept))
+    trim_jsonl(log_path, step)
     print(f"resumed {ckpt.parent} at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
     return step, elapsed
 
@@ -259,7 +256,7 @@ def train(args) -> Path | None:
             last_save = time.time()
     bar.close()
     log.close()
-    if not ckpt.exists() or torch.load(ckpt, weights_only=False)["step"] != step:
+    if not ckpt.exists() or load_torch(ckpt, "video training checkpoint")["step"] != step:
         save()
     return finalise(args, spec, model, tok, step, elapsed)
 
