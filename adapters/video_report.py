@@ -16,7 +16,8 @@ class FrameReport:
 
     ``kept[layer, kv_head, frame]`` counts the held (attended) tokens of each frame; ``text[layer, kv_head]``
     the held text tokens; ``other[layer, kv_head]`` the remaining held slots (left padding and slots masked by
-    a ragged eviction). ``kept.sum(-1) + text + other`` is the memory's ``held`` of each layer.
+    a ragged eviction). ``kept.sum(-1) + text + other`` is the memory's ``held_slots`` of each layer
+    (``memory.stats()``; its ``held_per_head`` is ``kept.sum(-1) + text`` for this row)
     """
 
     kept: torch.Tensor  # [layers, kv_heads, frames] int64
@@ -48,7 +49,7 @@ class FrameReport:
 
     @property
     def held(self) -> torch.Tensor:
-        """``[layers, kv_heads]`` slots held (what ``memory.stats()["held"]`` reports per layer)."""
+        """``[layers, kv_heads]`` slots held (what ``memory.stats()["held_slots"]`` reports per layer)."""
         return self.kept.sum(-1) + self.text + self.other
 
     def fraction(self) -> torch.Tensor:

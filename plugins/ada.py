@@ -10,12 +10,17 @@ comparable across heads, as the method needs; options other than ``scorer``, ``a
 The scorer's protected tokens (SnapKV's window) come first and count in the budget, as kvpress's
 ``AdaKVPress`` ranks them first (it scores SnapKV's window above every other key).
 
+``TokenMemory(model, "ada", budget=B)`` spends the memory's budget as the mean, ``A = B``: every layer holds
+``H * B`` tokens per batch row, as a uniform evictor at ``budget=B`` does, but one head may hold more than ``B``
+and another fewer (:meth:`AdaEvictor.layer_budget` tells the memory so; a float budget is resolved for the
+tokens seen first). With an explicit ``average=A`` the mean is ``A`` and the memory's budget caps every head
+instead (``budget=None``: no cap).
+
 Held by masking as NAMM is held: a threshold evictor whose scores are +1 on exactly the kept tokens (see
 :class:`tokenmem.scoring.Allocator`); the memory keeps the largest head's count in every head and masks the
-surplus slots, so the bytes allocated follow the fullest head (``tokenmem.occupancy`` counts what each head
-really holds). Today's ``TokenMemory`` caps every head at its ``budget``, so with the memory's budget as the
-mean no head can go above it and the allocation is uniform: give the memory a cap above the mean, e.g.
-``budget=2 * A, average=A``, or ``budget=None, average=A`` (the memory then evicts every ``interval`` tokens).
+surplus slots, so the bytes allocated follow the fullest head, while ``TokenMemory.stats()`` counts what each
+head really holds (``held_per_head``; ``held``: their mean, ``B`` per layer; ``kv_bytes``: the valid keys and
+values; ``held_slots`` and ``bytes``: what is allocated).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 
 from tokenmem.errors import TokenmemError
 from tokenmem.evictor import LayerView, register_evictor
-from tokenmem.scoring import Allocator, budget_cap, replace_budget, resolve_budget, share_across_heads
+from tokenmem.scoring import Allocator, replace_budget, resolve_budget, resolve_budget_at, share_across_heads
 
 
 @register_evictor("ada")
@@ -41,6 +46,13 @@ class AdaEvictor(Allocator):
     def head_budget(self, view: LayerView) -> int:
         return resolve_budget(self.average, view)
 
+    def layer_budget(self, budget: int, layer: int, memory) -> tuple[int, int]:
+        if self.average is not None:  # the mean is `average`, the memory's budget caps every head
+            return min(resolve_budget_at(self.average, budget, memory.layers[layer].seen), budget), budget
+        buffer = memory.layers[layer].key_buffer
+        heads = 1 if buffer is None else buffer.shape[1]
+        return budget, heads * budget  # the layer holds heads x budget; one head may take the layer's whole share
+
     def scorer_view(self, view: LayerView) -> LayerView:
         return replace_budget(view, min(self.head_budget(view), int(view.budget)))
 
@@ -50,7 +62,7 @@ class AdaEvictor(Allocator):
         floor = int(mean * self.alpha)
         if self.alpha > 0:
             floor = max(1, floor)
-        return share_across_heads(scores, protect, view.meta.valid, heads * mean, floor=floor, cap=budget_cap(view))
+        return share_across_heads(scores, protect, view.meta.valid, heads * mean, floor=floor, cap=self.cap(view))
 
     def __repr__(self) -> str:
         return f"AdaEvictor(scorer={self.scorer!r}, alpha={self.alpha}, average={self.average})"

@@ -51,7 +51,11 @@ def test_no_eviction_matches_dynamic_cache(family, batch, evictor, references):
     out = _generate(ours, ids, mask, memory)
     _assert_same(ref, out)
     assert memory.stats()["evictions"] == 0
-    assert memory.stats()["held"] == [PROMPT + NEW_TOKENS - 1] * len(memory.layers)
+    stats = memory.stats()
+    assert stats["held_slots"] == [PROMPT + NEW_TOKENS - 1] * len(memory.layers)
+    real = (mask.sum(1) + NEW_TOKENS - 1).tolist()  # each row's tokens, its left padding not held
+    assert stats["held_per_head"] == [[[n] * len(row) for n, row in zip(real, layer)] for layer in stats["held_per_head"]]
+    assert stats["held"] == [sum(real) / len(real)] * len(memory.layers)
 
 
 def test_prepared_model_still_matches_with_dynamic_cache(references):

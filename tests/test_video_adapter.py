@@ -78,9 +78,11 @@ def test_quarter_budget_at_32_frames(tiny_llava_dir, shape_videos, evictor, unit
     assert stats["kv_bytes"] <= 0.25 * full_stats["kv_bytes"] + 16 * per_token * len(stats["held"])
     assert stats["evictions"] > 0
     report = answer.report
-    # the report and stats() describe the same memory
-    assert report.held.tolist() == [[h] * report.held.shape[1] for h in stats["held"]]
-    assert stats["kv_bytes"] == int(report.held[:, 0].sum() * per_token)
+    # the report and stats() describe the same memory: its slots, and the valid tokens of each head (NAMM masks)
+    assert report.held.tolist() == [[h] * report.held.shape[1] for h in stats["held_slots"]]
+    valid = report.kept.sum(-1) + report.text  # [layers, kv_heads]
+    assert valid.tolist() == [layer[0] for layer in stats["held_per_head"]]
+    assert stats["kv_bytes"] == int(valid.sum() * per_token / valid.shape[1])
     ids = qa.encode([answer.clip], [QUESTIONS[0]]).input_ids[0]
     first = int((ids == qa.video_token_id).nonzero()[0])
     question_tokens = len(ids) - (first + 32 * qa.tokens_per_frame)

@@ -29,18 +29,32 @@ ZOO = {  # name -> options small enough for tiny prompts
     "keydiff": dict(),
     "knorm": dict(),
     "expected_attention": dict(window=16),
-    "pyramid": dict(window=8, beta=2, average=12),
-    "ada": dict(window=8, average=12),
+    "pyramid": dict(window=8, beta=2),  # the memory's budget is the mean: layers share layers x budget
+    "ada": dict(window=8),  # the memory's budget is the mean: each layer's heads share heads x budget
     "infinipot_v": dict(),
 }
 ALLOCATORS = ("pyramid", "ada")
 
 
 def _check_within(memory, name, budget, extra=0):
-    """Every layer and head holds at most ``budget + extra`` valid tokens (allocators: their mean on average)."""
+    """Every layer and head holds at most ``budget + extra`` valid tokens. The allocators spend the same total
+    differently: ``pyramid`` holds each layer at most at its share of ``layers x budget`` (+ ``extra``), ``ada``
+    each layer's batch row at most ``heads x (budget + extra)`` over its heads."""
+    stats = memory.stats()
+    assert stats["held_per_head"] == [c.tolist() for c in held_tokens(memory)]
+    shares = pyramid_budgets(budget, len(memory.layers), ZOO["pyramid"]["beta"])
     for layer, counts in zip(memory.layers, held_tokens(memory)):
-        assert int(counts.max()) <= budget + extra, f"{name} layer {layer.index}: {counts.tolist()} > {budget}+{extra}"
-        assert layer.held <= budget + extra or name in ALLOCATORS
+        where = f"{name} layer {layer.index}: {counts.tolist()}"
+        if name == "pyramid":
+            assert int(counts.max()) <= shares[layer.index] + extra, f"{where} > {shares[layer.index]}+{extra}"
+        elif name == "ada":
+            heads = counts.shape[1]
+            assert int(counts.sum(1).max()) <= heads * (budget + extra), f"{where}: > {heads} x ({budget}+{extra})"
+        else:
+            assert int(counts.max()) <= budget + extra, f"{where} > {budget}+{extra}"
+            assert layer.held <= budget + extra
+    if name in ALLOCATORS:  # the same total as a uniform evictor at this budget
+        assert sum(stats["held"]) <= len(memory.layers) * (budget + extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +143,7 @@ def test_segment_unit_keeps_or_drops_whole_frames(name):
         for h in range(m.position.shape[1]):
             kept = m.valid[0, h]
             segs = m.segment[0, h][kept & (m.modality[0, h] == MODALITIES["frame"])].tolist()
-            assert sum(kept.tolist()) <= 30
+            assert sum(kept.tolist()) <= memory.layer_budget(layer, 30)[1]  # the cap (allocators: their share)
             for s in set(segs):
                 assert segs.count(s) == per, f"{name}: frame {s} split ({segs.count(s)} of {per} kept)"
 
@@ -253,7 +267,7 @@ def test_pyramid_layer_budgets_shrink_with_depth_and_sum_to_the_same_total():
     assert counts == pyramid_budgets(20, 4, 4) == [35, 25, 15, 5]
     assert sum(counts) == 4 * 20
     assert all(int(c.min()) == int(c.max()) for c in held_tokens(memory))  # heads of a layer keep the same count
-    # the memory's budget caps every layer; the surplus goes deeper
+    # an explicit average with the memory's budget as the cap: layers above it are held at it, the surplus goes deeper
     with torch.no_grad():
         capped_model = twin(model)
         capped = tokenmem.TokenMemory(capped_model, "pyramid", budget=30, average=20, beta=4, window=4, interval=64)
@@ -262,6 +276,7 @@ def test_pyramid_layer_budgets_shrink_with_depth_and_sum_to_the_same_total():
 
 
 def test_ada_heads_hold_different_counts_reported_honestly():
+    """An explicit ``average`` with the memory's budget as the cap (the peers tests' setting)."""
     model = tiny_model("llama")  # 2 KV heads
     ids = torch.randint(3, 300, (1, 80), generator=torch.Generator().manual_seed(6))
     memory = tokenmem.TokenMemory(model, "ada", budget=40, average=20, window=4, interval=64)
@@ -275,17 +290,19 @@ def test_ada_heads_hold_different_counts_reported_honestly():
         assert counts[0] != counts[1], f"layer {i}: heads hold the same count {counts.tolist()}"
         assert int(counts.min()) >= 4  # the safeguard (alpha 0.2 of 20) and the window
         assert report["held"][i] == [counts.tolist()]
-        # what stats() calls held is the slots, the largest head's count: masked slots counted as held
-        assert stats["held"][i] == layer.held == int(counts.max()) == report["slots"][i]
+        assert int(counts.max()) <= 40  # the memory's budget caps every head
+        # stats(): held is the valid tokens (their mean over heads), held_slots the largest head's count
+        assert stats["held"][i] == 20 and stats["held_per_head"][i] == [counts.tolist()]
+        assert stats["held_slots"][i] == layer.held == int(counts.max()) == report["slots"][i] > 20
         assert report["masked"][i] == 2 * layer.held - int(counts.sum()) > 0
-    assert report["kv_bytes_valid"] < report["kv_bytes_slots"] == stats["kv_bytes"]
+    assert stats["kv_bytes"] == report["kv_bytes_valid"] < report["kv_bytes_slots"]
     assert report["bytes"] == stats["bytes"]
 
 
-def test_ada_with_the_memory_budget_as_its_mean_is_uniform():
-    """Today's memory caps every head at its budget: with the mean equal to the cap no head can take more."""
+def test_ada_with_an_average_equal_to_the_cap_is_uniform():
+    """An explicit ``average`` equal to the memory's budget: the budget caps every head, so none can take more."""
     model = tiny_model("llama")
-    memory = tokenmem.TokenMemory(model, "ada", budget=20, window=4, interval=64)
+    memory = tokenmem.TokenMemory(model, "ada", budget=20, average=20, window=4, interval=64)
     with torch.no_grad():
         model(torch.randint(3, 300, (1, 80)), past_key_values=memory)
     assert all(c.tolist() == [[20, 20]] for c in held_tokens(memory))

@@ -37,7 +37,7 @@ class LayerView:
     state: dict[str, torch.Tensor]  # evictor state, [b, h, n, ...]
     mass: torch.Tensor | None  # attention mass each key received in the latest call, [b, h, n] float32
     seen: int  # tokens seen by this layer so far
-    budget: int  # tokens per (batch, head) the memory is about to keep
+    budget: int  # the memory's budget for this eviction, tokens per (batch, head) (layers: Evictor.layer_budget)
     new_tokens: int  # tokens appended by the latest call
     rows: torch.Tensor | None = None  # [b, h, r, n] float32: attention rows of the newest r queries (oldest first)
     rows_window: object = field(default=None, repr=False)  # where consume_rows reports (the layer or a scratch)
@@ -114,6 +114,20 @@ class Evictor:
 
     def check_budget(self, budget: int) -> None:
         """Raise :class:`BudgetError` when ``budget`` tokens cannot hold what this evictor protects."""
+
+    def layer_budget(self, budget: int, layer: int, memory) -> tuple[int, int]:
+        """How layer ``layer`` spends the memory's budget, ``budget`` tokens per layer and KV head (a fractional
+        budget already resolved for the tokens seen): ``(spend, cap)``. The memory evicts the layer when it holds
+        more than ``spend`` slots per (batch row, KV head) (after a multi-token call, or every ``interval`` new
+        tokens), and an eviction keeps at most ``cap`` tokens per (row, KV head).
+
+        The default, ``(budget, budget)``, holds every layer and head at the budget. Budget allocators override
+        it to spend the same total differently: PyramidKV (``pyramid``) gives each layer its own share of
+        ``layers x budget``, AdaKV (``ada``) lets one head take more of its layer's ``heads x budget`` than
+        another (a threshold evictor whose own scores then decide each head's count). ``memory`` is the
+        :class:`~tokenmem.TokenMemory` (its layer count, its layers' tokens seen and buffers); ``view.budget``
+        stays the memory's budget."""
+        return budget, budget
 
     def observe(self, view: LayerView) -> None:
         """Update per-token state after an attention call (e.g. accumulate attention mass).

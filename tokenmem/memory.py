@@ -30,6 +30,7 @@ from .evictor import DEFAULT_INTERVAL, Evictor, LayerView  # noqa: F401  (DEFAUL
 from .layer import CROP_ERROR, MemoryLayer
 from .meta import FLAGS, PAD, ROPE, TokenMeta, pack_call
 from .model import ModelContext, as_id_tensor, prepare_model
+from .occupancy import allocated_bytes, layer_held, mean_count, token_bytes
 from .rope import rotate_to_slots, shift_call
 from .rows import attend_in_row_chunks, attend_in_window
 from .selection import choose_kept, select_kept, whole_segments  # noqa: F401  (re-exported)
@@ -183,24 +184,33 @@ class TokenMemory(Cache):
         self._annotation = meta
 
     def stats(self) -> dict:
-        """Tokens seen, held per layer, bytes allocated (all buffers), bytes of held keys/values, evictions;
-        with a memory bank, ``"bank"``: its chunks, bytes (host, spilled, retrieved on the device) and drops."""
-        held = [layer.held for layer in self.layers]
-        kv_bytes = 0
-        total = 0
-        for layer in self.layers:
-            if layer.key_buffer is not None:
-                kv_bytes += (layer.keys.numel() * layer.key_buffer.element_size()
-                             + layer.values.numel() * layer.value_buffer.element_size())
-                total += sum(t.numel() * t.element_size() for t in layer.buffers())
+        """What the memory holds, honestly (:mod:`tokenmem.occupancy`):
+
+        * ``seen``: tokens seen; ``budget``: tokens per layer and KV head the budget allows now (``None``: all);
+        * ``held``: per layer, the valid tokens it really holds -- not masked by a ragged eviction, not left
+          padding -- per (batch row, KV head), as their mean over rows and heads (an int when it is whole);
+        * ``held_per_head``: per layer, ``[batch][kv_heads]`` lists of those valid counts;
+        * ``held_slots``: per layer, the slots allocated per (row, KV head) (the largest head's count: masked
+          and padding slots included);
+        * ``held_fraction``: the mean of ``held`` over layers as a fraction of the tokens seen;
+        * ``bytes``: every buffer allocated (keys, values, metadata, evictor state, statistics);
+          ``kv_bytes``: the keys and values of the valid tokens only;
+        * ``evictions``, ``evictor``, ``positions``; with a memory bank, ``"bank"``: its chunks, bytes (host,
+          spilled, retrieved on the device) and drops.
+        """
+        counts = [layer_held(layer) for layer in self.layers]
+        held = [mean_count(c) for c in counts]
+        kv_bytes = sum(int(c.sum()) * token_bytes(layer) for layer, c in zip(self.layers, counts))
         seen = self.seen
         bank = {} if self.bank is None else {"bank": self.bank.stats()}
         return {
             "seen": seen,
             "held": held,
+            "held_per_head": [c.tolist() for c in counts],
+            "held_slots": [layer.held for layer in self.layers],
             "held_fraction": (sum(held) / (len(held) * seen)) if seen and held else 1.0,
             "budget": self.budget_tokens(),
-            "bytes": total,
+            "bytes": sum(allocated_bytes(layer) for layer in self.layers),
             "kv_bytes": kv_bytes,
             "evictions": sum(layer.evictions for layer in self.layers),
             "evictor": self.evictor.name,
@@ -209,10 +219,18 @@ class TokenMemory(Cache):
         }
 
     def summary(self) -> str:
-        """A one-line, human-readable memory summary."""
+        """A one-line, human-readable memory summary (valid tokens held per layer; the allocated slots when they
+        differ: masked or padding slots)."""
         s = self.stats()
-        held = s["held"]
-        held_txt = f"{min(held)}" if held and min(held) == max(held) else f"{min(held or [0])}-{max(held or [0])}"
+
+        def span(values) -> str:
+            low, high = (min(values), max(values)) if values else (0, 0)
+            text = [str(x) if isinstance(x, int) else f"{x:.1f}" for x in (low, high)]
+            return text[0] if low == high else f"{text[0]}-{text[1]}"
+
+        held_txt = span(s["held"])
+        if s["held_slots"] != s["held"]:
+            held_txt += f" (slots {span(s['held_slots'])})"
         budget = "all" if s["budget"] is None else s["budget"]
         return (
             f"memory: evictor={s['evictor']} budget={budget} seen={s['seen']} held/layer={held_txt} "
@@ -314,21 +332,38 @@ class TokenMemory(Cache):
         )
 
     # -- eviction ---------------------------------------------------------------------------------
+    def layer_budget(self, layer: MemoryLayer, keep: int | None = None) -> tuple[int | None, int | None]:
+        """``(spend, cap)`` of ``layer`` for the memory's budget ``keep`` (default: the budget after the layer's
+        tokens seen): the evictor's :meth:`~tokenmem.Evictor.layer_budget`, ``(keep, keep)`` for every evictor
+        but the budget allocators; ``(None, None)`` without a budget."""
+        if keep is None:
+            keep = self.budget_tokens(layer.seen)
+            if keep is None:
+                return None, None
+        spend, cap = self.evictor.layer_budget(keep, layer.index, self)
+        for name, value in (("spend", spend), ("cap", cap)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TokenmemError(f"evictor {self.evictor.name!r}: layer_budget({keep}, {layer.index}) must return "
+                                    f"two token counts >= 1 (spend, cap), got {name}={value!r}")
+        return spend, cap
+
     def _maybe_evict(self, layer: MemoryLayer, q: int) -> None:
         if not self.evictor.evicts:
             return
-        keep = self.budget_tokens(layer.seen)
+        spend = self.layer_budget(layer)[0]  # the memory's budget unless an allocator moves tokens between layers
         if self.evictor.threshold is not None:  # the evictor sets the count: update every interval tokens
-            over_budget = keep is not None and layer.held > keep and q > self.decode_span
+            over_budget = spend is not None and layer.held > spend and q > self.decode_span
             if layer.since_evict >= self.interval or over_budget:
-                self.evict_layer(layer, keep)
+                self.evict_layer(layer, self.budget_tokens(layer.seen))
             return
-        if layer.held <= keep or not (layer.since_evict >= self.interval or q > self.decode_span):
+        if layer.held <= spend or not (layer.since_evict >= self.interval or q > self.decode_span):
             return
-        self.evict_layer(layer, keep)
+        self.evict_layer(layer, self.budget_tokens(layer.seen))
 
     def evict_layer(self, layer: MemoryLayer, keep: int | None) -> None:
-        """Evict one layer down to ``keep`` tokens per (batch row, KV head).
+        """Evict one layer to the memory's budget of ``keep`` tokens per (batch row, KV head) (``None``: no budget),
+        as the evictor spends it on this layer (:meth:`layer_budget`: at most ``keep`` per head for every
+        evictor but the budget allocators, which give layers or heads different shares of the same total).
 
         Threshold evictors (``evictor.threshold`` set, e.g. NAMM) keep the tokens scoring at least the
         threshold, capped at ``keep`` when a budget is given; with ``evict_unit="segment"`` whole segments
@@ -339,11 +374,15 @@ class TokenMemory(Cache):
         """
         view = self.view(layer, keep if keep is not None else layer.held, 0)
         b, h, n = view.meta.position.shape
+        cap = None if keep is None else self.layer_budget(layer, keep)[1]
+        who = f"evictor {self.evictor.name!r}"
+        if cap != keep:
+            who += f" (which lets this layer keep {cap} tokens per head of the memory's budget of {keep})"
         scores = torch.as_tensor(self.evictor.score(view)).expand(b, h, n)
         index, kept_ok = choose_kept(
-            scores, self.evictor.protect(view), view.meta, keep, threshold=self.evictor.threshold,
+            scores, self.evictor.protect(view), view.meta, cap, threshold=self.evictor.threshold,
             segments=self.evict_unit == "segment", grow_budget=isinstance(self.budget, float),
-            who=f"evictor {self.evictor.name!r}", layer=layer.index, seen=layer.seen,
+            who=who, layer=layer.index, seen=layer.seen,
         )
         if self.bank is not None:  # the tokens leaving (or masked by a ragged decision) go to the memory bank
             self.bank.capture(layer, index, kept_ok)

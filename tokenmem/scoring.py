@@ -223,10 +223,15 @@ def share_across_heads(scores: torch.Tensor, protect: torch.Tensor, valid: torch
 def resolve_budget(value, view: LayerView) -> int:
     """A budget option (int tokens, float fraction of the tokens seen, ``None``: the memory's budget for this
     eviction, ``view.budget``) as tokens per KV head."""
+    return resolve_budget_at(value, view.budget, view.seen)
+
+
+def resolve_budget_at(value, budget: int, seen: int) -> int:
+    """:func:`resolve_budget` from the memory's budget (``budget`` tokens) and the tokens ``seen``."""
     if value is None:
-        return int(view.budget)
+        return int(budget)
     if isinstance(value, float):
-        return max(1, math.ceil(value * view.seen))
+        return max(1, math.ceil(value * seen))
     return int(value)
 
 
@@ -269,9 +274,13 @@ def rope_frequencies(view: LayerView) -> torch.Tensor | None:
 
 def layer_count(view: LayerView, given: int | None = None) -> int:
     """The number of layers of the memory's model: ``given``, or from the memory (``view.memory``)."""
+    return memory_layer_count(_memory_of(view), given)
+
+
+def memory_layer_count(memory, given: int | None = None) -> int:
+    """:func:`layer_count` from the memory itself (an evictor's :meth:`~tokenmem.Evictor.layer_budget`)."""
     if given is not None:
         return given
-    memory = _memory_of(view)
     context = getattr(memory, "context", None)
     count = max(getattr(context, "num_layers", 0) or 0, len(getattr(memory, "layers", []) or []))
     if count < 1:
@@ -315,11 +324,13 @@ class Allocator(Evictor):
     :meth:`tokenmem.TokenMemory.evict_layer`). Statistics, state, row window and observation are the
     scorer's. Subclasses implement :meth:`allocate`.
 
-    ``average``: the mean tokens per layer and KV head the allocation spends (int, or a float fraction of the
-    tokens seen); ``None`` spends the memory's budget. The memory caps every layer and head at its ``budget``
-    (today's ``TokenMemory`` caps a threshold evictor's count at the budget), so an allocation can only move
-    tokens between layers or heads when the memory's budget is above ``average`` (or ``None``, which threshold
-    evictors allow: the memory then evicts every ``interval`` tokens).
+    ``average``: the mean tokens per layer and KV head the allocation spends. ``None`` (the default) spends the
+    memory's budget ``B``: ``TokenMemory(model, "pyramid", budget=B)`` holds ``layers x B`` tokens per KV head in
+    all, ``"ada"`` ``heads x B`` per layer, as a uniform evictor does, but shared unevenly (the allocator's
+    :meth:`~tokenmem.Evictor.layer_budget` tells the memory each layer's share and cap). An explicit ``average``
+    (int, or a float fraction of the tokens seen) is the mean instead, and the memory's budget then caps every
+    layer and head (``None``: no cap; threshold evictors may run without a budget and then evict every
+    ``interval`` tokens).
     """
 
     threshold = 0.0
@@ -353,6 +364,11 @@ class Allocator(Evictor):
     def scorer_view(self, view: LayerView) -> LayerView:
         """The view the scorer sees (subclasses may give it the layer's own budget)."""
         return view
+
+    def cap(self, view: LayerView) -> int | None:
+        """The most one layer and head may hold by the memory's budget: none when the memory's budget is the mean
+        (``average`` is None) or the memory has no budget, else the memory's budget (:func:`budget_cap`)."""
+        return None if self.average is None else budget_cap(view)
 
     def _inner(self, view: LayerView):
         b, h, n = view.meta.position.shape
