@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenmem.compat import cache_kwargs
 from tokenmem.errors import InputError, TokenmemError
 from tokenmem.memory import TokenMemory
 from tokenmem.meta import MODALITIES, PROTECT, SEPARATOR, TokenMeta
@@ -77,7 +78,7 @@ def prefill(model, memory: TokenMemory, prompt: Prompt, chunk: int) -> None:
     """Feed all but the last prompt token through ``model`` in chunks of ``chunk`` tokens, annotating each
     chunk's metadata; the last token's metadata is annotated for the next call (``generate``'s first).
 
-    ``model.generate(input_ids, attention_mask=..., past_key_values=memory)`` then continues from the last
+    ``model.generate(input_ids, attention_mask=..., **cache_kwargs(model, memory))`` then continues from the last
     token: the memory reports the tokens it has seen, so generate feeds only what is new. The ids are fed, or
     ``prompt.inputs_embeds`` when the modality placed media features in them.
     """
@@ -94,8 +95,8 @@ def prefill(model, memory: TokenMemory, prompt: Prompt, chunk: int) -> None:
             memory.annotate(meta)
         tokens = ({"input_ids": prompt.input_ids[:, start:end]} if prompt.inputs_embeds is None
                   else {"inputs_embeds": prompt.inputs_embeds[:, start:end]})
-        model(**tokens, attention_mask=mask[:, :end], position_ids=positions[..., start:end], past_key_values=memory,
-              use_cache=True, logits_to_keep=1)
+        model(**tokens, attention_mask=mask[:, :end], position_ids=positions[..., start:end],
+              **cache_kwargs(model, memory), use_cache=True, logits_to_keep=1)
     last = prompt.meta_of(total, total + 1)
     if last is not None:
         memory.annotate(last)  # generate's first call: the last prompt token
@@ -114,8 +115,8 @@ def generate(model, memory: TokenMemory, prompt: Prompt, *, prefill_chunk: int |
     else:
         prefill(model, memory, prompt, prefill_chunk)
         extra = {}  # the media are in the memory already
-    return model.generate(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask, past_key_values=memory,
-                          **extra, **generate_kwargs)
+    return model.generate(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask,
+                          **cache_kwargs(model, memory), **extra, **generate_kwargs)
 
 
 def prompt_meta(ids: torch.Tensor, mask: torch.Tensor, separators, *, media: torch.Tensor | None = None,

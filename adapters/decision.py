@@ -8,7 +8,7 @@ Reinforcement Learning via Sequence Modeling", NeurIPS 2021, arXiv:2106.01345) i
   history, and at every environment step re-encode its last ``K`` timesteps (left-padded to ``K`` with an
   attention mask) through ``DecisionTransformerModel.forward``;
 - :class:`CachedPolicy`: every step appends the new tokens to a :class:`~tokenmem.TokenMemory` by driving
-  the model's inner GPT-2 encoder with ``past_key_values`` (the public forward takes no cache). The tokens
+  the model's inner GPT-2 encoder with the memory as its cache (the public forward takes no cache). The tokens
   are embedded exactly as ``DecisionTransformerModel.forward`` does: modality embedding + the learned
   timestep embedding, then ``embed_ln``; the encoder then adds its learned position embedding of position
   0 to every token (the model passes ``position_ids=zeros``: time enters only through the timestep
@@ -29,6 +29,7 @@ import os
 import numpy as np
 import torch
 
+from tokenmem.compat import cache_kwargs
 from tokenmem.errors import TokenmemError
 from tokenmem.files import check_weights_dir
 from tokenmem.memory import TokenMemory
@@ -165,8 +166,9 @@ class DecisionAdapter:
         """Run ``embeds [b, q, H]`` through the encoder, appending to ``memory``; ``attention_mask`` is the
         2D mask of every token seen so far plus these (1 = real). Returns hidden states ``[b, q, H]``."""
         b, q = embeds.shape[:2]
-        out = self.model.encoder(inputs_embeds=embeds, past_key_values=memory, attention_mask=attention_mask,
-                                 position_ids=torch.zeros(b, q, dtype=torch.long), use_cache=True)
+        encoder = self.model.encoder
+        out = encoder(inputs_embeds=embeds, **cache_kwargs(encoder, memory), attention_mask=attention_mask,
+                      position_ids=torch.zeros(b, q, dtype=torch.long), use_cache=True)
         return out.last_hidden_state
 
     @torch.no_grad()

@@ -49,7 +49,7 @@ def prefill(model, memory: TokenMemory, input_ids: torch.Tensor, attention_mask:
             chunk: int = 512) -> None:
     """Feed all but the last prompt token through ``model`` in chunks of ``chunk`` tokens (:func:`.base.prefill`).
 
-    ``model.generate(input_ids, attention_mask=..., past_key_values=memory)`` then continues from the
+    ``model.generate(input_ids, attention_mask=..., **cache_kwargs(model, memory))`` then continues from the
     last token: the memory reports the tokens it has seen, so generate feeds only what is new.
     Positions follow the attention mask (left padding), as generate's own would.
     """

@@ -6,11 +6,11 @@ A tiny-but-real Llama (8 layers, hidden 512, 8 query heads, 2 KV heads, MLP 1408
 ``max_position_embeddings`` 40000) is built from a ``LlamaConfig`` with random weights
 (``torch.manual_seed(0)``, fp32, eval mode, nothing is downloaded). Three configurations are compared:
 
-(a) ``sdpa``: ``attn_implementation="sdpa"``, ``past_key_values=DynamicCache()``, no statistics
+(a) ``sdpa``: ``attn_implementation="sdpa"``, ``cache=DynamicCache()``, no statistics
     (the transformers baseline);
 (b) ``tokenmem``: ``mem = tokenmem.TokenMemory(model, "full", record_stats=True)`` (switches the model to
     the ``"tokenmem"`` attention, which also computes the per-key attention mass of every layer on the
-    CPU kernel backend), ``past_key_values=mem``;
+    CPU kernel backend), ``cache=mem``;
 (c) ``eager``: ``attn_implementation="eager"``, ``output_attentions=True`` (the usual way to get attention
     statistics from transformers: every layer's ``[heads, q, n]`` weights are materialised and returned).
 
@@ -29,7 +29,7 @@ call itself needed), each with its ratio to (a).
 
 Decode: in the children of the ``--decode-context`` prefill (16k by default) of (a) and (b), after the
 prefill, ``--decode-warmup`` untimed and then ``--decode-steps`` timed greedy decode steps
-(``model(input_ids=next_token, past_key_values=cache)`` + argmax); the median ms/token of these is
+(``model(input_ids=next_token, cache=cache)`` + argmax); the median ms/token of these is
 reported. A decode step is only a few ms of work split over two OpenMP threads, so another process on the
 machine slows it by a large factor (a thread waits for a descheduled peer at every parallel region); the
 CPU stall (see Load below) is therefore recorded per step, decoding goes on (up to ``--decode-max-steps``)
@@ -198,14 +198,14 @@ def child_main(spec: dict) -> dict:
 
     try:
         with torch.inference_mode():
-            model(input_ids=warm_ids, past_key_values=make_cache(), use_cache=True, **extra)
+            model(input_ids=warm_ids, **tokenmem.cache_kwargs(model, make_cache()), use_cache=True, **extra)
             gc.collect()
             cache = make_cache()
             if config_name == "tokenmem":
                 assert model.config._attn_implementation == "tokenmem", model.config._attn_implementation
             ru0, stall0 = resource.getrusage(resource.RUSAGE_SELF), cpu_stall_us()
             t0 = time.perf_counter()
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra)
+            out = model(input_ids=ids, **tokenmem.cache_kwargs(model, cache), use_cache=True, **extra)
             res["prefill_s"] = time.perf_counter() - t0
             ru1, stall1 = resource.getrusage(resource.RUSAGE_SELF), cpu_stall_us()
             res["prefill_cpu_s"] = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
@@ -233,13 +233,13 @@ def child_main(spec: dict) -> dict:
                 quiet_max, max_steps = float(spec["quiet_stall"]), max(steps, int(spec["decode_max_steps"]))
                 times, stalls = [], []
                 for _ in range(int(spec["decode_warmup"])):
-                    out = model(input_ids=next_tok, past_key_values=cache, use_cache=True)
+                    out = model(input_ids=next_tok, **tokenmem.cache_kwargs(model, cache), use_cache=True)
                     next_tok = out.logits[:, -1:].argmax(-1)
                 # the first `steps` steps always count; more (up to max_steps) only while fewer than `steps`
                 # of all steps were quiet (CPU stall below quiet_max: no other process competed)
                 while len(times) < steps or (sum(x < quiet_max for x in stalls) < steps and len(times) < max_steps):
                     stall0, t0 = cpu_stall_us(), time.perf_counter()
-                    out = model(input_ids=next_tok, past_key_values=cache, use_cache=True)
+                    out = model(input_ids=next_tok, **tokenmem.cache_kwargs(model, cache), use_cache=True)
                     next_tok = out.logits[:, -1:].argmax(-1)
                     dt = time.perf_counter() - t0
                     stall1 = cpu_stall_us()

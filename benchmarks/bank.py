@@ -102,6 +102,7 @@ class ViewRecorder:
 
 
 def run_config(model, tok, records, factory, max_new: int) -> dict:
+    from tokenmem.compat import cache_kwargs
     from tokenmem.zoo.lm_tasks import retrieved_value
 
     hits, in_view, held, attended, bank_mib, seconds = [], [], [], [], [], []
@@ -113,7 +114,7 @@ def run_config(model, tok, records, factory, max_new: int) -> dict:
         t0 = time.perf_counter()
         with torch.no_grad():
             for s in range(0, ids.shape[1], CHUNK):
-                logits = model(input_ids=ids[:, s : s + CHUNK], past_key_values=memory, use_cache=True,
+                logits = model(input_ids=ids[:, s : s + CHUNK], **cache_kwargs(model, memory), use_cache=True,
                                logits_to_keep=1).logits[:, -1]
             views = dict(recorder.views)
             stats = memory.stats()
@@ -122,7 +123,8 @@ def run_config(model, tok, records, factory, max_new: int) -> dict:
                 nxt = logits.argmax(-1, keepdim=True)
                 out.append(int(nxt))
                 if i + 1 < max_new:
-                    logits = model(input_ids=nxt, past_key_values=memory, use_cache=True, logits_to_keep=1).logits[:, -1]
+                    logits = model(input_ids=nxt, **cache_kwargs(model, memory), use_cache=True,
+                                   logits_to_keep=1).logits[:, -1]
         seconds.append(time.perf_counter() - t0)
         hit = float(retrieved_value(tok.decode(out)) == rec["answer"])
         hits.append(hit)

@@ -16,9 +16,9 @@ For every context length the same random prompt is fed to four cache setups:
 4. ``TokenMemory(evictor="h2o", budget=1024, interval=64)``.
 
 Each setup first prefills the context in chunks (``--chunk`` tokens per forward call with
-``past_key_values=cache``; a TokenMemory evicts at the end of every chunk when over budget). Prefill is
+``cache=cache``; a TokenMemory evicts at the end of every chunk when over budget). Prefill is
 *not* part of the measured number. Then a hand-written greedy loop
-``out = model(input_ids=next_token, past_key_values=cache, use_cache=True)`` (+ argmax) runs under
+``out = model(input_ids=next_token, cache=cache, use_cache=True)`` (+ argmax) runs under
 ``torch.inference_mode()``: ``--warmup`` untimed steps, then ``--steps`` recorded steps, each timed
 with ``time.perf_counter``. The steps of the four setups are interleaved round-robin (one step of each
 setup per round, the order rotated every round), so that all four see the same machine conditions;
@@ -125,7 +125,8 @@ class Setup:
         out = None
         for s in range(0, ids.shape[1], chunk):
             out = self.model(
-                input_ids=ids[:, s : s + chunk], past_key_values=self.cache, use_cache=True, logits_to_keep=1
+                input_ids=ids[:, s : s + chunk], **tokenmem.cache_kwargs(self.model, self.cache), use_cache=True,
+                logits_to_keep=1,
             )
         self.next_token = out.logits[:, -1].argmax(-1, keepdim=True)
         self.prefill_s = time.perf_counter() - start
@@ -134,7 +135,7 @@ class Setup:
     def step(self) -> float:
         """One greedy decode step; returns its wall time in seconds."""
         t0 = time.perf_counter()
-        out = self.model(input_ids=self.next_token, past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=self.next_token, **tokenmem.cache_kwargs(self.model, self.cache), use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         dt = time.perf_counter() - t0
         self.next_token = nxt

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from tokenmem.compat import cache_kwargs
 from tokenmem.evictor_list import add_evictors_argument, registered
 
 PRESSES = ("StreamingLLMPress", "SnapKVPress", "TOVAPress", "ExpectedAttentionPress", "KnormPress")
@@ -133,14 +134,14 @@ def run_press(model, tasks, press_name: str, budget: float) -> dict:
             press = _press(press_name, 1.0 - budget)
             with torch.no_grad():
                 with press(model):
-                    model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+                    model(input_ids=ids[:, :-1], **cache_kwargs(model, cache), use_cache=True)
                 held = cache.get_seq_length() / (ids.shape[1] - 1)
                 pos = ids.shape[1] - 1
                 nxt = ids[:, -1:]
                 tokens = []
                 t1 = time.perf_counter()
                 for _ in range(task.max_new_tokens):
-                    out = model(input_ids=nxt, past_key_values=cache, use_cache=True,
+                    out = model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True,
                                 position_ids=torch.tensor([[pos]]))
                     pos += 1
                     nxt = out.logits[:, -1:].argmax(-1)

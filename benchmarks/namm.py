@@ -57,13 +57,13 @@ def child(kind: str, context: int, decode: int, interval: int) -> dict:
     with torch.inference_mode():
         t0 = time.perf_counter()
         for s in range(0, context, interval):
-            out = model(ids[:, s : s + interval], past_key_values=memory, use_cache=True)
+            out = model(ids[:, s : s + interval], **tokenmem.cache_kwargs(model, memory), use_cache=True)
         prefill = time.perf_counter() - t0
         spent.update(t=0.0, calls=0)
         nxt = out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(decode):
-            out = model(nxt, past_key_values=memory, use_cache=True)
+            out = model(nxt, **tokenmem.cache_kwargs(model, memory), use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
         elapsed = time.perf_counter() - t0
     stats = memory.stats()

@@ -34,6 +34,7 @@ import time
 import numpy as np
 import torch
 
+from tokenmem.compat import cache_kwargs
 from tokenmem.memory import TokenMemory
 from tokenmem.meta import MODALITIES, PROTECT
 from tokenmem.plugins.h2o import H2OEvictor
@@ -260,7 +261,8 @@ def stream_language(model, evictor, prompts, chunk, budget=BUDGET):
         start = _start(evictor, memory)
         with torch.no_grad():
             for s in range(0, ids.shape[0], chunk):
-                model(input_ids=ids[None, s : s + chunk], past_key_values=memory, use_cache=True, logits_to_keep=1)
+                model(input_ids=ids[None, s : s + chunk], **cache_kwargs(model, memory), use_cache=True,
+                      logits_to_keep=1)
         out.append({"records": list(getattr(evictor, "log", [])[start:]), "held": held_positions(memory)})
     return out
 

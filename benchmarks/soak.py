@@ -70,6 +70,7 @@ def child(evictor: str, positions: str, tokens: int, chunk: int, budget: int, th
     import torch
     from transformers import AutoModelForCausalLM
 
+    import tokenmem
     from tokenmem import TokenMemory
     from tokenmem.plugins.namm import NAMM
     from tokenmem.zoo import stdlib_lm_path
@@ -84,7 +85,7 @@ def child(evictor: str, positions: str, tokens: int, chunk: int, budget: int, th
     t0 = time.perf_counter()
     with torch.no_grad():
         for s in range(0, tokens, chunk):
-            logits = model(input_ids=stream[:, s : s + chunk], past_key_values=memory, use_cache=True,
+            logits = model(input_ids=stream[:, s : s + chunk], **tokenmem.cache_kwargs(model, memory), use_cache=True,
                            logits_to_keep=1).logits
             finite &= bool(torch.isfinite(logits).all())
             fed += min(chunk, tokens - s)

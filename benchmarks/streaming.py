@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from tokenmem.compat import cache_kwargs
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -48,11 +50,11 @@ def stream(model, memory, prompt: torch.Tensor, chunk: int, decode: int) -> tupl
     with torch.no_grad():
         t0 = time.perf_counter()
         for s in range(0, prompt.shape[1], chunk):
-            logits = model(input_ids=prompt[:, s : s + chunk], past_key_values=memory, use_cache=True,
+            logits = model(input_ids=prompt[:, s : s + chunk], **cache_kwargs(model, memory), use_cache=True,
                            logits_to_keep=1).logits[:, -1]
         t1 = time.perf_counter()
         for _ in range(decode):
-            logits = model(input_ids=logits.argmax(-1, keepdim=True), past_key_values=memory, use_cache=True,
+            logits = model(input_ids=logits.argmax(-1, keepdim=True), **cache_kwargs(model, memory), use_cache=True,
                            logits_to_keep=1).logits[:, -1]
         return t1 - t0, time.perf_counter() - t1
 

@@ -28,7 +28,7 @@ enc = tokenizer(prompts, return_tensors="pt", padding=True)
 for evictor in ("full", "sink", "h2o"):
     memory = tokenmem.TokenMemory(model, evictor=evictor, budget=None if evictor == "full" else 256, interval=64)
     with torch.no_grad():
-        out = model.generate(**enc, past_key_values=memory, max_new_tokens=32, do_sample=False,
+        out = model.generate(**enc, **tokenmem.cache_kwargs(model, memory), max_new_tokens=32, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     print(memory.summary())
     print("  continuation of prompt 2:", repr(tokenizer.decode(out[1, enc.input_ids.shape[1]:], skip_special_tokens=True)))

@@ -4,6 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tokenmem
+from tokenmem import cache_kwargs
 from conftest import padded_batch
 
 
@@ -11,7 +12,7 @@ def _generate(model, evictor, budget):
     ids, mask = padded_batch(2, 40, seed=7)
     memory = tokenmem.TokenMemory(model, evictor, budget=budget, interval=8)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, past_key_values=memory, max_new_tokens=24, do_sample=False,
+        out = model.generate(ids, attention_mask=mask, **cache_kwargs(model, memory), max_new_tokens=24, do_sample=False,
                              pad_token_id=0)
     return out, memory
 

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import tokenmem
+from tokenmem import cache_kwargs
 from conftest import Chooser, padded_batch, tiny_model, twin
 from tokenmem.attention import tokenmem_attention
 from tokenmem.meta import FLAGS, PAD, POSITION, ROPE, TOKEN
@@ -59,13 +60,13 @@ def stream(model, cache, ids, mask, chunk=16, decode=12, tokens=None):
     """Chunked prefill, then greedy decoding (or the given ``tokens``); returns all ids and the full mask."""
     with torch.no_grad():
         for s in range(0, ids.shape[1], chunk):
-            out = model(input_ids=ids[:, s : s + chunk], attention_mask=mask[:, : s + chunk], past_key_values=cache,
+            out = model(input_ids=ids[:, s : s + chunk], attention_mask=mask[:, : s + chunk], **cache_kwargs(model, cache),
                         use_cache=True)
         for step in range(decode):
             nxt = out.logits[:, -1:].argmax(-1) if tokens is None else tokens[:, step : step + 1]
             ids = torch.cat([ids, nxt], 1)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True)
     return ids, mask
 
 
@@ -112,7 +113,7 @@ def test_cache_plus_bank_hold_every_token_exactly_once(name, spill, tmp_path):
 
 # -- equivalences ------------------------------------------------------------------------------------
 def generate(model, ids, mask, cache=None, new=24):
-    kwargs = {} if cache is None else {"past_key_values": cache}
+    kwargs = {} if cache is None else cache_kwargs(model, cache)
     with torch.no_grad():
         return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_logits=True,
                               return_dict_in_generate=True, **kwargs)
@@ -217,10 +218,10 @@ def test_device_memory_bound_on_a_100k_token_stream():
     with torch.no_grad():
         for s in range(0, total, interval):  # prefill chunks of `interval` tokens
             ids = torch.randint(3, 300, (1, min(interval, total - s)), generator=g)
-            out = model(input_ids=ids, past_key_values=memory, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, **cache_kwargs(model, memory), use_cache=True, logits_to_keep=1)
             assert max(memory.stats()["held"]) <= budget
         for _ in range(24):  # then decode steps (the retrieved set refreshed every 4)
-            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=memory, use_cache=True)
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), **cache_kwargs(model, memory), use_cache=True)
             assert max(memory.stats()["held"]) <= budget + interval - 1
     assert memory.seen == total + 24
     assert max(attended) <= budget + interval + retrieve * chunk
@@ -245,7 +246,7 @@ def spilled_memory(tmp_path):
                                   bank=Bank(chunk_size=4, retrieve=1000, retrieve_every=1, spill_dir=tmp_path))
     ids = torch.randint(3, 300, (1, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model(ids, past_key_values=memory, use_cache=True)
+        model(ids, **cache_kwargs(model, memory), use_cache=True)
     files = sorted(tmp_path.rglob("*.safetensors"))
     assert files and memory.stats()["bank"]["spilled_bytes"] == sum(f.stat().st_size for f in files)
     return model, memory, files
@@ -264,7 +265,7 @@ def test_damaged_spill_file_raises(damage, tmp_path):
     else:
         path.unlink()
     with pytest.raises(BankError, match="spill file") as info, torch.no_grad():
-        model(torch.tensor([[5]]), past_key_values=memory, use_cache=True)
+        model(torch.tensor([[5]]), **cache_kwargs(model, memory), use_cache=True)
     assert isinstance(info.value, tokenmem.TokenmemError)
 
 
@@ -275,7 +276,7 @@ def test_spilled_bank_reads_back_what_was_written(tmp_path):
                                      bank=Bank(chunk_size=4, retrieve=1000, retrieve_every=1))
     ids = torch.randint(3, 300, (1, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model(ids, past_key_values=in_memory, use_cache=True)
+        model(ids, **cache_kwargs(model, in_memory), use_cache=True)
     for i in range(len(memory.layers)):
         for h in range(2):
             for a, b in zip(memory.bank.contents(i, 0, h), in_memory.bank.contents(i, 0, h)):
@@ -385,7 +386,7 @@ def test_batch_selection_moves_the_bank_streams():
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert memory.bank.layers[0].active is None  # the retrieved set is rebuilt for the new rows
     with torch.no_grad():
-        model(torch.tensor([[5]]), past_key_values=memory, use_cache=True)
+        model(torch.tensor([[5]]), **cache_kwargs(model, memory), use_cache=True)
     assert memory.bank.layers[0].active.keys.shape[0] == 1
 
 
@@ -394,7 +395,7 @@ def test_beam_search_reorders_the_bank():
     ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(4))
     memory = tokenmem.TokenMemory(model, "sink", budget=12, interval=4, bank=Bank(chunk_size=4, retrieve=2))
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False, past_key_values=memory)
+        out = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False, **cache_kwargs(model, memory))
     assert out.shape == (1, 48)
     assert all(b.b == 3 for b in memory.bank.layers.values())  # one stream set per beam
     for i in range(2):

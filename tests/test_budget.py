@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tokenmem
+from tokenmem import cache_kwargs
 from conftest import tiny_model
 
 
@@ -28,10 +29,10 @@ def test_budget_holds_for_4096_decoded_tokens(evictor, steps):
     ids = torch.randint(3, 300, (1, 32), generator=torch.Generator().manual_seed(0))
     worst = 0
     with torch.no_grad():
-        out = model(ids, past_key_values=memory, use_cache=True)
+        out = model(ids, **cache_kwargs(model, memory), use_cache=True)
         for step in range(steps):
             nxt = out.logits[:, -1:].argmax(-1)
-            out = model(nxt, past_key_values=memory, use_cache=True)
+            out = model(nxt, **cache_kwargs(model, memory), use_cache=True)
             held = memory.stats()["held"]
             worst = max(worst, max(held))
             assert max(held) <= budget + interval, f"step {step}: held {held}"
@@ -51,10 +52,10 @@ def test_fraction_budget_tracks_tokens_seen():
     memory = tokenmem.TokenMemory(model, "recent", budget=0.25, interval=16)
     ids = torch.randint(3, 300, (1, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        out = model(ids, past_key_values=memory, use_cache=True)
+        out = model(ids, **cache_kwargs(model, memory), use_cache=True)
         assert memory.stats()["held"] == [50, 50]  # evicted at the end of prefill
         for _ in range(100):
-            out = model(out.logits[:, -1:].argmax(-1), past_key_values=memory, use_cache=True)
+            out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(model, memory), use_cache=True)
     seen = memory.stats()["seen"]
     for held in memory.stats()["held"]:
         assert held <= -(-seen // 4) + 16
@@ -65,5 +66,5 @@ def test_long_prefill_gives_back_its_buffer():
     memory = tokenmem.TokenMemory(model, "sink", budget=64, interval=16)
     ids = torch.randint(3, 300, (1, 2000), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        model(ids, past_key_values=memory, use_cache=True)
+        model(ids, **cache_kwargs(model, memory), use_cache=True)
     assert memory.layers[0].capacity <= 2 * (64 + 16)

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 import tokenmem
+from tokenmem import cache_kwargs
 from conftest import VOCAB, tiny_model
 
 
 def _run(model, memory, seed: int = 0) -> torch.Tensor:
     ids = torch.randint(3, VOCAB, (1, 48), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        out = [model(input_ids=ids[:, s : s + 16], past_key_values=memory, use_cache=True).logits for s in (0, 16, 32)]
+        out = [model(input_ids=ids[:, s : s + 16], **cache_kwargs(model, memory), use_cache=True).logits for s in (0, 16, 32)]
     return torch.cat(out, dim=1)
 
 

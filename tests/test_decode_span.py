@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tokenmem
+from tokenmem import cache_kwargs
 from conftest import tiny_model
 from tokenmem.errors import TokenmemError
 
@@ -15,7 +16,7 @@ def _feed(memory, model, calls, width):
     held = []
     with torch.no_grad():
         for s in range(0, ids.shape[1], width):
-            model(input_ids=ids[:, s : s + width], past_key_values=memory, use_cache=True)
+            model(input_ids=ids[:, s : s + width], **cache_kwargs(model, memory), use_cache=True)
             held.append(max(memory.stats()["held"]))
     return held
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tokenmem
+from tokenmem import cache_kwargs
 from conftest import padded_batch, tiny_model, twin
 
 NEW_TOKENS = 64
@@ -11,7 +12,7 @@ PROMPT = 24
 
 
 def _generate(model, ids, mask, cache=None):
-    kwargs = {} if cache is None else {"past_key_values": cache}
+    kwargs = {} if cache is None else cache_kwargs(model, cache)
     with torch.no_grad():
         return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                               output_logits=True, return_dict_in_generate=True, **kwargs)
@@ -81,17 +82,17 @@ def test_shift_positions_without_eviction(batch, references):
 
 
 def test_hand_written_loop_matches(references):
-    """past_key_values=memory in a manual decode loop, batch 1."""
+    """The memory as the cache of a manual decode loop, batch 1."""
     model, ids, mask, ref = references("qwen2", 1)
     ours = twin(model)
     memory = tokenmem.TokenMemory(ours, "h2o", budget=1000, interval=4)
     tokens = []
     with torch.no_grad():
-        out = ours(ids, past_key_values=memory, use_cache=True)
+        out = ours(ids, **cache_kwargs(ours, memory), use_cache=True)
         for _ in range(NEW_TOKENS):
             nxt = out.logits[:, -1:].argmax(-1)
             tokens.append(nxt)
-            out = ours(nxt, past_key_values=memory, use_cache=True)
+            out = ours(nxt, **cache_kwargs(ours, memory), use_cache=True)
     assert torch.equal(torch.cat(tokens, 1), ref.sequences[:, PROMPT:])
 
 
@@ -107,7 +108,7 @@ def test_beam_search_matches_dynamic_cache(evictor, references):
         ev = NAMM(interval=16) if evictor == "namm" else evictor
         memory = tokenmem.TokenMemory(ours, ev, budget=None if evictor != "h2o" else 1000)
         out = ours.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=3, do_sample=False,
-                            past_key_values=memory)
+                            **cache_kwargs(ours, memory))
     assert torch.equal(ref, out)
 
 
@@ -118,7 +119,7 @@ def test_reorder_moves_every_per_sequence_buffer():
     memory = tokenmem.TokenMemory(model, NAMM(interval=64))
     ids = torch.randint(3, 300, (2, 21), generator=torch.Generator().manual_seed(0))  # 21 % 16: rows pending
     with torch.no_grad():
-        model(ids, past_key_values=memory, use_cache=True)
+        model(ids, **cache_kwargs(model, memory), use_cache=True)
     layer = memory.layers[0]
     assert layer.row_count == 5
     before = {name: t.clone() for name, t in (("k", layer._k), ("meta", layer._meta), ("rows", layer.rows),
@@ -129,4 +130,4 @@ def test_reorder_moves_every_per_sequence_buffer():
     memory.batch_repeat_interleave(2)
     assert layer.rows.shape[0] == layer._k.shape[0] == 4
     with torch.no_grad():
-        model(torch.randint(3, 300, (4, 1)), past_key_values=memory, use_cache=True)  # still consistent
+        model(torch.randint(3, 300, (4, 1)), **cache_kwargs(model, memory), use_cache=True)  # still consistent

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tokenmem
+from tokenmem import cache_kwargs
 from conftest import padded_batch, tiny_model, twin
 from tokenmem import kernels
 from tokenmem.kernels import cpu, reference
@@ -93,7 +94,7 @@ def test_h2o_keeps_the_same_tokens_on_every_backend(family, monkeypatch):
         model = twin(base)
         memory = tokenmem.TokenMemory(model, "h2o", budget=24, interval=4)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, past_key_values=memory, max_new_tokens=20,
+            out = model.generate(ids, attention_mask=mask, **cache_kwargs(model, memory), max_new_tokens=20,
                                  do_sample=False)
         kept[name] = (out, [layer.meta.position.clone() for layer in memory.layers])
         assert memory.stats()["evictions"] > 0
@@ -125,10 +126,10 @@ def test_memory_rows_window_equals_eager_attention():
     probe = RowsProbe()
     memory = tokenmem.TokenMemory(ours, probe, budget=1000)
     with torch.no_grad():
-        ours(ids, attention_mask=mask, past_key_values=memory, use_cache=True)
+        ours(ids, attention_mask=mask, **cache_kwargs(ours, memory), use_cache=True)
         nxt = torch.tensor([[7], [9]])
         ours(nxt, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
-             past_key_values=memory, use_cache=True)
+             **cache_kwargs(ours, memory), use_cache=True)
         full_ids = torch.cat([ids, nxt], 1)
         full_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
         attn = eager(full_ids, attention_mask=full_mask, output_attentions=True).attentions

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tokenmem
+from tokenmem import cache_kwargs
 from conftest import VOCAB, tiny_model, twin
 
 CHUNK, CHUNKS, DECODE = 16, 6, 12
@@ -32,7 +33,7 @@ class Stream:
     def step(self) -> None:
         span = self.calls.pop(0)
         tokens = self.ids[:, span[0]:span[1]] if span is not None else self.next
-        out = self.model(input_ids=tokens, past_key_values=self.memory, use_cache=True)
+        out = self.model(input_ids=tokens, **cache_kwargs(self.model, self.memory), use_cache=True)
         self.logits.append(out.logits)
         self.next = out.logits[:, -1:].argmax(-1)
 

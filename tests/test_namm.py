@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tokenmem
+from tokenmem import cache_kwargs
 from conftest import Chooser, padded_batch, tiny_model, twin
 from tokenmem.plugins.namm import NAMM, NAMMConfig
 from tokenmem.plugins.namm.features import update_ema
@@ -72,7 +73,7 @@ def test_nonnegative_scorer_keeps_everything_and_matches_dynamic_cache():
                             return_dict_in_generate=True)
         model = twin(base)
         memory = tokenmem.TokenMemory(model, NAMM(interval=32))
-        out = model.generate(ids, attention_mask=mask, past_key_values=memory, max_new_tokens=40, do_sample=False,
+        out = model.generate(ids, attention_mask=mask, **cache_kwargs(model, memory), max_new_tokens=40, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
     assert memory.stats()["evictions"] >= 3  # the scorer ran, and kept everything
     assert torch.equal(ref.sequences, out.sequences)
@@ -91,7 +92,7 @@ def test_namm_generates_batch2_left_padded(family, dtype):
     memory = tokenmem.TokenMemory(model, namm, budget=48)
     ids, mask = padded_batch(2, 90, seed=2)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, past_key_values=memory, max_new_tokens=40, do_sample=False)
+        out = model.generate(ids, attention_mask=mask, **cache_kwargs(model, memory), max_new_tokens=40, do_sample=False)
     assert out.shape == (2, 130)
     stats = memory.stats()
     assert stats["evictions"] > 0 and max(stats["held"]) <= 48 + 32
@@ -105,9 +106,9 @@ def test_ragged_per_head_counts_are_masked():
     memory = tokenmem.TokenMemory(model, Chooser(), interval=16, record_stats=True)
     ids = torch.randint(3, 300, (1, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model(ids, past_key_values=memory, use_cache=True)
+        model(ids, **cache_kwargs(model, memory), use_cache=True)
         assert memory.layers[0].evictions == 1
-        model(torch.tensor([[5]]), past_key_values=memory, use_cache=True)  # attends over the ragged cache
+        model(torch.tensor([[5]]), **cache_kwargs(model, memory), use_cache=True)  # attends over the ragged cache
     layer = memory.layers[0]
     meta = layer.meta
     for head, rule in ((0, lambda p: p % 2 == 0), (1, lambda p: p % 3 == 0)):
@@ -173,7 +174,7 @@ def test_calibration_freezes_feature_statistics():
     namm.start_calibration()
     memory = tokenmem.TokenMemory(model, namm)
     with torch.no_grad():
-        model(torch.randint(3, 300, (1, 130)), past_key_values=memory, use_cache=True)
+        model(torch.randint(3, 300, (1, 130)), **cache_kwargs(model, memory), use_cache=True)
     namm.freeze()
     assert namm.norm_mean.shape == (17,) and torch.all(namm.norm_var > 0)
     assert not torch.equal(namm.norm_mean, torch.zeros(17))
@@ -209,10 +210,10 @@ def test_streamed_ema_in_memory_equals_batch_stft_of_eager_attention(rows_chunk,
     with torch.no_grad():
         start = 0
         for size in calls:  # prefill calls
-            ours(ids[:, start : start + size], past_key_values=memory, use_cache=True)
+            ours(ids[:, start : start + size], **cache_kwargs(ours, memory), use_cache=True)
             start += size
         for i in range(start, 150):
-            ours(ids[:, i : i + 1], past_key_values=memory, use_cache=True)
+            ours(ids[:, i : i + 1], **cache_kwargs(ours, memory), use_cache=True)
         attn = eager(ids, output_attentions=True).attentions
     frames_queries = 150 - 150 % cfg.hop
     for layer_idx, weights in enumerate(attn):  # [1, hq, 150, 150]
@@ -240,14 +241,14 @@ def test_namm_batch_rows_match_their_single_runs():
     kept_batch = []
     memory = tokenmem.TokenMemory(model, NAMM(cfg, params))
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=memory, use_cache=True)
+        model(ids, attention_mask=mask, **cache_kwargs(model, memory), use_cache=True)
     for layer in memory.layers:
         kept_batch.append(layer.meta)
     assert memory.stats()["evictions"] > 0
     for row, pad in ((0, 0), (1, cfg.hop)):
         alone = tokenmem.TokenMemory(model, NAMM(cfg, params))
         with torch.no_grad():
-            model(ids[row : row + 1, pad:], past_key_values=alone, use_cache=True)
+            model(ids[row : row + 1, pad:], **cache_kwargs(model, alone), use_cache=True)
         for meta_b, layer in zip(kept_batch, alone.layers):
             for head in range(2):
                 batch_set = set((meta_b.position[row, head][meta_b.valid[row, head]] - pad).tolist())

@@ -46,6 +46,7 @@ from kvpress.utils import compute_n_kept  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import tokenmem  # noqa: E402
+from tokenmem import cache_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.peers
 
@@ -93,17 +94,17 @@ def _kvpress_prefill(peer, ids, press=None):
     _check_peer_is_plain(peer)
     cache = DynamicCache()
     if press is None:
-        out = peer(ids, past_key_values=cache)
+        out = peer(ids, **cache_kwargs(peer, cache))
     else:
         with press(peer):
-            out = peer(ids, past_key_values=cache)
+            out = peer(ids, **cache_kwargs(peer, cache))
     return cache, out.logits
 
 
 @torch.no_grad()
 def _tokenmem_prefill(ours, ids, evictor, budget, **options):
     mem = tokenmem.TokenMemory(ours, evictor, budget=budget, **options)
-    out = ours(ids, past_key_values=mem)
+    out = ours(ids, **cache_kwargs(ours, mem))
     assert ours.config._attn_implementation == "tokenmem"
     return mem, out.logits
 
@@ -205,7 +206,7 @@ def _kvpress_decode(peer, cache, first_logits, start_position: int, steps: int):
     tokens = [first_logits[:, -1].argmax(-1)]
     for i in range(steps):
         position_ids = torch.full((tokens[-1].shape[0], 1), start_position + i, dtype=torch.long)
-        out = peer(tokens[-1][:, None], past_key_values=cache, position_ids=position_ids)
+        out = peer(tokens[-1][:, None], **cache_kwargs(peer, cache), position_ids=position_ids)
         logits.append(out.logits[:, -1])
         tokens.append(out.logits[:, -1].argmax(-1))
     return torch.stack(tokens, 1), torch.stack(logits, 1)
@@ -217,7 +218,7 @@ def _tokenmem_decode(ours, mem, first_logits, steps: int):
     logits = [first_logits[:, -1]]
     tokens = [first_logits[:, -1].argmax(-1)]
     for _ in range(steps):
-        out = ours(tokens[-1][:, None], past_key_values=mem)
+        out = ours(tokens[-1][:, None], **cache_kwargs(ours, mem))
         logits.append(out.logits[:, -1])
         tokens.append(out.logits[:, -1].argmax(-1))
     return torch.stack(tokens, 1), torch.stack(logits, 1)

@@ -5,6 +5,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import tokenmem
+from tokenmem import cache_kwargs
 from conftest import tiny_model
 
 
@@ -35,9 +36,9 @@ def test_keys_after_eviction(mode):
     memory = tokenmem.TokenMemory(model, "sink", budget=40, interval=8, positions=mode)
     ids = torch.randint(3, 300, (1, 100), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = model(ids, past_key_values=memory, use_cache=True)
+        out = model(ids, **cache_kwargs(model, memory), use_cache=True)
         for _ in range(20):
-            out = model(out.logits[:, -1:].argmax(-1), past_key_values=memory, use_cache=True)
+            out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(model, memory), use_cache=True)
     layer = memory.layers[0]
     assert layer.evictions > 1
     raw = raw_keys()  # [h, seen, d]
@@ -51,7 +52,7 @@ def test_keys_after_eviction(mode):
     # the next token goes to slot position n (shift) or keeps its absolute position (original)
     before_seen, before_held = memory.seen, layer.held
     with torch.no_grad():
-        model(out.logits[:, -1:].argmax(-1), past_key_values=memory, use_cache=True)
+        model(out.logits[:, -1:].argmax(-1), **cache_kwargs(model, memory), use_cache=True)
     if layer.held == before_held + 1:  # no eviction on this step
         newest = layer.keys[0, :, -1]
         position = before_held if mode == "shift" else before_seen
@@ -67,5 +68,5 @@ def test_shift_is_ignored_without_rope():
     memory = tokenmem.TokenMemory(model, "sink", budget=16, interval=4, positions="shift")
     ids = torch.randint(3, 300, (1, 40))
     with torch.no_grad():
-        model.generate(ids, past_key_values=memory, max_new_tokens=8, do_sample=False)
+        model.generate(ids, **cache_kwargs(model, memory), max_new_tokens=8, do_sample=False)
     assert memory.stats()["held"][0] <= 16 + 4

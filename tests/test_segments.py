@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tokenmem
+from tokenmem import cache_kwargs
 from conftest import tiny_model, twin
 from tokenmem.meta import MODALITIES, PROTECT, TokenMeta
 
@@ -81,7 +82,7 @@ def test_whole_segments_kept_or_dropped_as_the_rule_says(budget):
     ids = torch.randint(3, 300, tuple(meta.position.shape), generator=torch.Generator().manual_seed(3))
     memory.annotate(meta)
     with torch.no_grad():
-        model(ids, past_key_values=memory, use_cache=True)
+        model(ids, **cache_kwargs(model, memory), use_cache=True)
     assert len(evictor.seen) == len(memory.layers)  # one eviction per layer at the end of the prefill
     some_frame_dropped = some_frame_kept = False
     for layer_idx, pos, seg, mod, flags, scores in evictor.seen:
@@ -114,7 +115,7 @@ def test_threshold_evictor_keeps_segments_whose_mean_passes():
     ids = torch.randint(3, 300, tuple(meta.position.shape), generator=torch.Generator().manual_seed(4))
     memory.annotate(meta)
     with torch.no_grad():
-        model(ids, past_key_values=memory, use_cache=True)
+        model(ids, **cache_kwargs(model, memory), use_cache=True)
     for layer_idx, pos, seg, mod, flags, scores in evictor.seen:
         for b in range(pos.shape[0]):
             for h in range(pos.shape[1]):
@@ -132,7 +133,7 @@ def test_non_binding_budget_changes_nothing():
     memory = tokenmem.TokenMemory(model, "h2o", budget=400, interval=4, evict_unit="segment")
     memory.annotate(meta)
     with torch.no_grad():
-        ours = model.generate(ids, past_key_values=memory, max_new_tokens=12, do_sample=False)
+        ours = model.generate(ids, **cache_kwargs(model, memory), max_new_tokens=12, do_sample=False)
         plain = reference.generate(ids, max_new_tokens=12, do_sample=False)
     assert torch.equal(ours, plain)
     assert memory.stats()["held"] == [ids.shape[1] + 11] * len(memory.layers)
@@ -145,7 +146,7 @@ def test_binding_budget_with_generate_keeps_whole_frames_through_decoding():
     memory = tokenmem.TokenMemory(model, "h2o", budget=30, interval=4, evict_unit="segment")
     memory.annotate(meta)
     with torch.no_grad():
-        model.generate(ids, past_key_values=memory, max_new_tokens=20, do_sample=False)
+        model.generate(ids, **cache_kwargs(model, memory), max_new_tokens=20, do_sample=False)
     for layer in memory.layers:
         m = layer.meta
         frame = m.valid & (m.modality == FRAME)

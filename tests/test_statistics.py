@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import tokenmem
+from tokenmem import cache_kwargs
 from conftest import padded_batch, tiny_model, twin
 from tokenmem.kernels import reference
 
@@ -79,7 +80,7 @@ def test_model_statistics_match_eager_attention_weights(family):
     with torch.no_grad():
         attn = eager(ids, attention_mask=mask, output_attentions=True).attentions
         memory = tokenmem.TokenMemory(ours, "full", record_stats=True)
-        ours(ids, attention_mask=mask, past_key_values=memory, use_cache=True)
+        ours(ids, attention_mask=mask, **cache_kwargs(ours, memory), use_cache=True)
     valid = mask.bool()
     for layer_idx, weights in enumerate(attn):  # [b, hq, q, n]
         mass = memory.layers[layer_idx].mass  # [b, hkv, n]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tokenmem.compat import cache_kwargs
 from tokenmem.errors import TokenmemError
 from tokenmem.zoo import SCORERS_DIR, STDLIB_LM, corpus, lm_tasks, planting
 
@@ -117,7 +118,7 @@ def test_shipped_model_loads_with_plain_transformers_and_generates():
     assert tok.tokenize("12345") == ["1", "2", "3", "4", "5"]
     ids = tok("import os\n\ndef main():\n", return_tensors="pt").input_ids
     memory = tokenmem.TokenMemory(model, "h2o", budget=64)
-    out = model.generate(ids, past_key_values=memory, max_new_tokens=256, min_new_tokens=256, do_sample=False)
+    out = model.generate(ids, **cache_kwargs(model, memory), max_new_tokens=256, min_new_tokens=256, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 256
     assert memory.seen == out.shape[1] - 1
     assert max(memory.stats()["held"]) <= 64 + memory.interval
@@ -147,7 +148,7 @@ def test_shipped_scorer_loads_and_runs_a_256_token_generate_on_the_shipped_model
     model = AutoModelForCausalLM.from_pretrained(STDLIB_LM).eval()
     ids = AutoTokenizer.from_pretrained(STDLIB_LM)("import os\n\ndef main():\n", return_tensors="pt").input_ids
     memory = tokenmem.TokenMemory(model, namm, budget=64)
-    out = model.generate(ids, past_key_values=memory, max_new_tokens=256, min_new_tokens=256, do_sample=False)
+    out = model.generate(ids, **cache_kwargs(model, memory), max_new_tokens=256, min_new_tokens=256, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 256
     assert memory.seen == out.shape[1] - 1
     assert max(memory.stats()["held"]) <= 64 + memory.interval

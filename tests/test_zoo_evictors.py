@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import tokenmem
+from tokenmem import cache_kwargs
 from conftest import padded_batch, tiny_model, twin
 from tokenmem.attention import tokenmem_attention
 from tokenmem.meta import MODALITIES, TokenMeta
@@ -74,13 +75,13 @@ def test_budget_int_and_float_after_prefill_and_decode(name, budget):
     interval = 4
     memory = tokenmem.TokenMemory(model, name, budget=budget, interval=interval, **ZOO[name])
     with torch.no_grad():
-        out = model(ids, past_key_values=memory)
+        out = model(ids, **cache_kwargs(model, memory))
         cap = memory.budget_tokens()
         assert cap == (20 if budget == 20 else math.ceil(0.4 * 60))
         _check_within(memory, name, cap)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(10):
-            out = model(tok, past_key_values=memory)
+            out = model(tok, **cache_kwargs(model, memory))
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             _check_within(memory, name, memory.budget_tokens(), extra=interval)
     assert memory.layers[0].evictions >= 3  # the prefill's and at least two while decoding
@@ -95,14 +96,14 @@ def test_left_padded_batch_of_two_generates_like_its_rows(name, family):
     ids, mask = padded_batch(2, 40, seed=3, pad=7)
     options = dict(budget=16, interval=4, **ZOO[name])
     memory = tokenmem.TokenMemory(model, name, **options)
-    out = model.generate(ids, attention_mask=mask, past_key_values=memory, max_new_tokens=12, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, **cache_kwargs(model, memory), max_new_tokens=12, do_sample=False)
     assert memory.layers[0].evictions >= 2
     _check_within(memory, name, 16, extra=4)
     for row in range(2):
         alone = twin(model)
         keep = mask[row].bool()
         single = tokenmem.TokenMemory(alone, name, **options)
-        ref = alone.generate(ids[row : row + 1, keep], past_key_values=single, max_new_tokens=12, do_sample=False)
+        ref = alone.generate(ids[row : row + 1, keep], **cache_kwargs(alone, single), max_new_tokens=12, do_sample=False)
         assert out[row, -12:].tolist() == ref[0, -12:].tolist(), f"{name} row {row}"
 
 
@@ -113,7 +114,7 @@ def test_without_rope_and_in_shift_mode(name, family, positions):
     re-rotates the kept keys to their slots."""
     model = tiny_model(family)
     memory = tokenmem.TokenMemory(model, name, budget=16, interval=4, positions=positions, **ZOO[name])
-    model.generate(torch.randint(3, 300, (1, 40)), past_key_values=memory, max_new_tokens=8, do_sample=False)
+    model.generate(torch.randint(3, 300, (1, 40)), **cache_kwargs(model, memory), max_new_tokens=8, do_sample=False)
     assert memory.layers[0].evictions >= 2
     _check_within(memory, name, 16, extra=4)
 
@@ -136,7 +137,7 @@ def test_segment_unit_keeps_or_drops_whole_frames(name):
     memory = tokenmem.TokenMemory(model, name, budget=30, interval=64, evict_unit="segment", **ZOO[name])
     memory.annotate(meta)
     with torch.no_grad():
-        model(ids, past_key_values=memory)
+        model(ids, **cache_kwargs(model, memory))
     for layer in memory.layers:
         assert layer.evictions == 1
         m = layer.meta
@@ -162,7 +163,7 @@ def test_keydiff_and_knorm_need_no_attention_statistics(name, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tokenmem.kernels, "attention_with_stats", spy)
-    model.generate(torch.randint(3, 300, (1, 40)), past_key_values=memory, max_new_tokens=8, do_sample=False)
+    model.generate(torch.randint(3, 300, (1, 40)), **cache_kwargs(model, memory), max_new_tokens=8, do_sample=False)
     assert calls and all(need is False and rows is None for need, rows in calls)
     for layer in memory.layers:
         assert layer.mass is None and layer.rows is None
@@ -174,7 +175,7 @@ def test_snapkv_keeps_a_sliding_window_of_rows_and_differs_from_recent():
     ids = torch.randint(3, 300, (1, 80), generator=torch.Generator().manual_seed(4))
     memory = tokenmem.TokenMemory(model, "snapkv", budget=24, window=8)
     with torch.no_grad():
-        model(ids, past_key_values=memory)
+        model(ids, **cache_kwargs(model, memory))
     layer = memory.layers[0]
     assert layer.row_count == 8  # the newest 8 queries' rows, never consumed
     pos = layer.meta.position[0]
@@ -185,7 +186,7 @@ def test_snapkv_keeps_a_sliding_window_of_rows_and_differs_from_recent():
 def test_tova_heads_share_one_decision():
     model = tiny_model("llama")
     memory = tokenmem.TokenMemory(model, "tova", budget=20)
-    model.generate(torch.randint(3, 300, (1, 50)), past_key_values=memory, max_new_tokens=6, do_sample=False)
+    model.generate(torch.randint(3, 300, (1, 50)), **cache_kwargs(model, memory), max_new_tokens=6, do_sample=False)
     for layer in memory.layers:
         pos = layer.meta.position[0]
         assert layer.held == 20  # default interval 1: one token out per generated token, as the paper does
@@ -262,7 +263,7 @@ def test_pyramid_layer_budgets_shrink_with_depth_and_sum_to_the_same_total():
     ids = torch.randint(3, 300, (1, 90), generator=torch.Generator().manual_seed(5))
     memory = tokenmem.TokenMemory(model, "pyramid", budget=None, average=20, beta=4, window=4, interval=64)
     with torch.no_grad():
-        model(ids, past_key_values=memory)
+        model(ids, **cache_kwargs(model, memory))
     counts = [int(c.max()) for c in held_tokens(memory)]
     assert counts == pyramid_budgets(20, 4, 4) == [35, 25, 15, 5]
     assert sum(counts) == 4 * 20
@@ -271,7 +272,7 @@ def test_pyramid_layer_budgets_shrink_with_depth_and_sum_to_the_same_total():
     with torch.no_grad():
         capped_model = twin(model)
         capped = tokenmem.TokenMemory(capped_model, "pyramid", budget=30, average=20, beta=4, window=4, interval=64)
-        capped_model(ids, past_key_values=capped)
+        capped_model(ids, **cache_kwargs(capped_model, capped))
     assert [int(c.max()) for c in held_tokens(capped)] == pyramid_budgets(20, 4, 4, cap=30) == [30, 27, 17, 6]
 
 
@@ -281,7 +282,7 @@ def test_ada_heads_hold_different_counts_reported_honestly():
     ids = torch.randint(3, 300, (1, 80), generator=torch.Generator().manual_seed(6))
     memory = tokenmem.TokenMemory(model, "ada", budget=40, average=20, window=4, interval=64)
     with torch.no_grad():
-        model(ids, past_key_values=memory)
+        model(ids, **cache_kwargs(model, memory))
     report = occupancy(memory)
     stats = memory.stats()
     for i, layer in enumerate(memory.layers):
@@ -304,7 +305,7 @@ def test_ada_with_an_average_equal_to_the_cap_is_uniform():
     model = tiny_model("llama")
     memory = tokenmem.TokenMemory(model, "ada", budget=20, average=20, window=4, interval=64)
     with torch.no_grad():
-        model(torch.randint(3, 300, (1, 80)), past_key_values=memory)
+        model(torch.randint(3, 300, (1, 80)), **cache_kwargs(model, memory))
     assert all(c.tolist() == [[20, 20]] for c in held_tokens(memory))
 
 
@@ -331,7 +332,7 @@ def test_expected_attention_keeps_the_sinks_and_is_not_recency():
     model = tiny_model("llama")
     memory = tokenmem.TokenMemory(model, "expected_attention", budget=24, window=16, n_sink=4)
     with torch.no_grad():
-        model(torch.randint(3, 300, (1, 60), generator=torch.Generator().manual_seed(8)), past_key_values=memory)
+        model(torch.randint(3, 300, (1, 60), generator=torch.Generator().manual_seed(8)), **cache_kwargs(model, memory))
     for layer in memory.layers:
         pos = layer.meta.position[0]
         assert layer.held == 24

@@ -2,10 +2,13 @@
 
 >>> import tokenmem
 >>> memory = tokenmem.TokenMemory(model, evictor="sink", budget=256, interval=64, positions="original")
->>> out = model.generate(input_ids, attention_mask=mask, past_key_values=memory, max_new_tokens=64)
+>>> out = model.generate(input_ids, attention_mask=mask, **tokenmem.cache_kwargs(model, memory), max_new_tokens=64)
 >>> memory.stats()
+
+``cache_kwargs`` passes the memory as ``cache=`` on transformers >= 5.24 and as ``past_key_values=`` before.
 """
 
+from .compat import cache_keyword, cache_kwargs
 from .config import MemoryConfig
 from .errors import BudgetError, MemoryStateError, TokenmemError, UnknownEvictorError, UnsupportedModelError
 from .evictor import Evictor, LayerView, get_evictor, list_evictors, register_evictor
@@ -35,6 +38,8 @@ __all__ = [
     "TokenmemError",
     "UnknownEvictorError",
     "UnsupportedModelError",
+    "cache_keyword",
+    "cache_kwargs",
     "get_evictor",
     "list_evictors",
     "prepare_model",

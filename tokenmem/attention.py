@@ -20,6 +20,7 @@ import threading
 import torch
 
 from . import kernels
+from .compat import check_cache_kwarg
 from .errors import TokenmemError, UnsupportedModelError
 
 NAME = "tokenmem"
@@ -65,6 +66,7 @@ def tokenmem_attention(
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     layer_idx = getattr(module, "layer_idx", None)
     memory = claim_memory(layer_idx, key) if layer_idx is not None else None
+    check_cache_kwarg(kwargs, memory)  # a memory passed as cache= to a transformers that ignores it
     _check_window(module, kwargs.get("sliding_window"), memory.seen if memory is not None else key.shape[2])
     if memory is not None:
         out = memory.attend(

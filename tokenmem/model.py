@@ -8,17 +8,21 @@ embedding, M-RoPE) and two forward hooks. Nothing in it belongs to one memory: a
 The hooks see what the attention function is not given: the input ids of a forward call (the input
 embedding's pre-hook) and multi-axis M-RoPE position ids (the decoder's pre-hook). They post them, per
 thread, for the memory of that forward call, which takes them at its first attention call
-(:meth:`ModelContext.take_inputs`).
+(:meth:`ModelContext.take_inputs`). On transformers before 5.24 two more (a pre-hook on the model and a wrapper
+of its ``generate``) hand a cache passed as ``cache=`` (the keyword of 5.24 and later) to ``past_key_values=``,
+so a memory can be passed either way (:mod:`tokenmem.compat`).
 """
 
 from __future__ import annotations
 
 import threading
+import types
 from dataclasses import dataclass, field
 
 import torch
 
 from .attention import NAME, register
+from .compat import NEW, OLD, installed_keyword
 from .errors import InputError, TokenmemError, UnsupportedModelError
 
 _posted = threading.local()  # per thread: {(id(context), name): tensor} posted by the hooks of a forward call
@@ -113,6 +117,33 @@ def _install_hooks(model, ctx: ModelContext) -> None:
             _ctx.post("position_ids", pos if isinstance(pos, torch.Tensor) and pos.dim() == 3 else None)
 
         ctx.hooks.append(decoder.register_forward_pre_hook(post_positions, with_kwargs=True))
+    if installed_keyword() == OLD:  # transformers < 5.24: a cache passed as ``cache=`` goes to ``past_key_values``
+        def rename_cache(_module, args, kwargs):
+            if kwargs.get(NEW) is not None and kwargs.get(OLD) is None:
+                kwargs[OLD] = kwargs.pop(NEW)
+                return args, kwargs
+            return None
+
+        ctx.hooks.append(model.register_forward_pre_hook(rename_cache, with_kwargs=True))
+        ctx.hooks.append(_GenerateRename(model))
+
+
+class _GenerateRename:
+    """transformers < 5.24: ``model.generate(cache=memory)`` hands the memory to ``past_key_values=`` (a method
+    set on the instance over the class's ``generate``; ``remove()`` takes it away, like a hook handle)."""
+
+    def __init__(self, model):
+        self.model = model
+        model.generate = types.MethodType(_generate_either, model)
+
+    def remove(self) -> None:
+        self.model.__dict__.pop("generate", None)
+
+
+def _generate_either(self, *args, **kwargs):
+    if kwargs.get(NEW) is not None and kwargs.get(OLD) is None:
+        kwargs[OLD] = kwargs.pop(NEW)
+    return type(self).generate(self, *args, **kwargs)
 
 
 def prepare_model(model, *, separator_ids=None) -> ModelContext:

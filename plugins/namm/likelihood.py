@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenmem.compat import cache_kwargs
 from tokenmem.errors import TokenmemError
 
 from .tasks import MemoryFactory
@@ -63,7 +64,7 @@ def _stream(model, memory, ids: torch.Tensor, chunk: int, logits_to_keep: int | 
     """Feed ``ids [b, L]`` in ``chunk``-token calls; yields ``(start, logits)`` of every call."""
     for s in range(0, ids.shape[1], chunk):
         kwargs = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
-        yield s, model(input_ids=ids[:, s : s + chunk], past_key_values=memory, use_cache=True, **kwargs).logits
+        yield s, model(input_ids=ids[:, s : s + chunk], **cache_kwargs(model, memory), use_cache=True, **kwargs).logits
 
 
 def _signature(task, extra: list[torch.Tensor]) -> dict:
@@ -124,7 +125,7 @@ class AnswerLikelihoodTask:
                 for _, logits in _stream(model, memory, ids, self.chunk, logits_to_keep=1):
                     last = logits[:, -1]  # [b, V]: predicts the first answer token
                 if width > 1:  # the answer teacher-forced in one call: its logits predict tokens 1..A-1
-                    rest = model(input_ids=target[:, :-1], past_key_values=memory, use_cache=True).logits
+                    rest = model(input_ids=target[:, :-1], **cache_kwargs(model, memory), use_cache=True).logits
                     logits = torch.cat([last[:, None], rest], dim=1)  # [b, A, V]
                 else:
                     logits = last[:, None]

@@ -11,6 +11,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from tokenmem.compat import cache_kwargs
 from tokenmem.errors import TokenmemError
 from tokenmem.memory import TokenMemory
 
@@ -133,7 +134,7 @@ class PromptTask:
         with torch.no_grad():
             logits = None
             for s in range(0, ids.shape[1], step):
-                logits = model(input_ids=ids[:, s : s + step], past_key_values=memory, use_cache=True,
+                logits = model(input_ids=ids[:, s : s + step], **cache_kwargs(model, memory), use_cache=True,
                                logits_to_keep=1).logits[:, -1]
             t1 = time.perf_counter()
             self._last_feed = {"prefill_s": t1 - t0, "decode_s": 0.0, "decode_calls": 0,
@@ -145,7 +146,8 @@ class PromptTask:
                 nxt = logits.argmax(-1, keepdim=True)
                 tokens.append(nxt)
                 if i + 1 < self.max_new_tokens:
-                    logits = model(input_ids=nxt, past_key_values=memory, use_cache=True, logits_to_keep=1).logits[:, -1]
+                    logits = model(input_ids=nxt, **cache_kwargs(model, memory), use_cache=True,
+                                   logits_to_keep=1).logits[:, -1]
             self._last_feed.update(decode_s=time.perf_counter() - t1, decode_calls=self.max_new_tokens - 1)
         return torch.cat(tokens, dim=1)
 
@@ -243,8 +245,9 @@ class SyntheticTask(PromptTask):
             with torch.no_grad():
                 step = self.chunk or self.context
                 for s in range(0, self.context, step):
-                    model(input_ids=ids[:, s : s + step], past_key_values=memory, use_cache=True, logits_to_keep=1)
-                model(input_ids=ids[:, self.context :], past_key_values=memory, use_cache=True, logits_to_keep=1)
+                    model(input_ids=ids[:, s : s + step], **cache_kwargs(model, memory), use_cache=True,
+                          logits_to_keep=1)
+                model(input_ids=ids[:, self.context :], **cache_kwargs(model, memory), use_cache=True, logits_to_keep=1)
             out = []
             for layer in memory.layers:
                 mass = layer.mass[..., : self.context].to(torch.float64)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..compat import cache_kwargs, returned_cache
 from . import planting
 from .corpus import iter_files
 
@@ -85,8 +86,8 @@ def exact_match(model, prompts, decode) -> float:
         x = torch.tensor([ids])
         past, out = None, []
         for _ in range(len(value)):
-            res = model(input_ids=x, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = model(input_ids=x, **cache_kwargs(model, past), use_cache=True)
+            past = returned_cache(res)
             out.append(int(res.logits[0, -1].argmax()))
             x = torch.tensor([[out[-1]]])
         hits += int(decode(out).strip() == value)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..compat import cache_kwargs
 from ..errors import TokenmemError
 from ..plugins.namm.tasks import PromptTask, register_task
 from . import DATA_DIR, planting
@@ -302,7 +303,7 @@ class PerplexityTask(LanguageTask):
             for s in range(0, ids.shape[1] - 1, step):
                 x = ids[:, s : s + step]
                 target = ids[:, s + 1 : s + step + 1]
-                logits = model(input_ids=x, past_key_values=memory, use_cache=True).logits[:, : target.shape[1]]
+                logits = model(input_ids=x, **cache_kwargs(model, memory), use_cache=True).logits[:, : target.shape[1]]
                 nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(),
                                                                reduction="sum"))
                 count += target.numel()
