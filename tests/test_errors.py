@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tokenmem
+from tokenmem import cache_kwargs
 from conftest import tiny_model
 
 
@@ -40,11 +41,11 @@ def test_budget_smaller_than_protected_tokens_at_eviction(model):
     flags[:, :12] = PROTECT  # an adapter protects 12 tokens (a long question), more than the budget
     memory.annotate(TokenMeta.build(1, 20, flags=flags))
     with torch.no_grad(), pytest.raises(tokenmem.BudgetError, match="smaller than the 12 tokens"):
-        model(torch.randint(3, 300, (1, 20)), past_key_values=memory, use_cache=True)
+        model(torch.randint(3, 300, (1, 20)), **cache_kwargs(model, memory), use_cache=True)
     assert memory.layers[0].held == 20
     fraction = tokenmem.TokenMemory(model, "sink", budget=0.02, interval=1)
     with torch.no_grad():
-        model(torch.randint(3, 300, (1, 100)), past_key_values=fraction, use_cache=True)
+        model(torch.randint(3, 300, (1, 100)), **cache_kwargs(model, fraction), use_cache=True)
     assert all(layer.held == 4 for layer in fraction.layers)  # 2% of 100 is 2: the 4 sink tokens stay
 
 
@@ -74,12 +75,12 @@ def test_not_a_transformers_model():
 def test_reuse_for_another_batch_size(model):
     memory = tokenmem.TokenMemory(model, "sink", budget=32)
     with torch.no_grad():
-        model(torch.randint(3, 300, (2, 10)), past_key_values=memory, use_cache=True)
+        model(torch.randint(3, 300, (2, 10)), **cache_kwargs(model, memory), use_cache=True)
         with pytest.raises(tokenmem.MemoryStateError, match="new TokenMemory"):
-            model(torch.randint(3, 300, (3, 10)), past_key_values=memory, use_cache=True)
+            model(torch.randint(3, 300, (3, 10)), **cache_kwargs(model, memory), use_cache=True)
     memory.reset()
     with torch.no_grad():
-        model(torch.randint(3, 300, (3, 10)), past_key_values=memory, use_cache=True)
+        model(torch.randint(3, 300, (3, 10)), **cache_kwargs(model, memory), use_cache=True)
     assert memory.seen == 10
 
 
@@ -90,7 +91,7 @@ def test_attention_switched_away_is_detected(model):
     memory = tokenmem.TokenMemory(m, "sink", budget=32)
     m.set_attn_implementation("sdpa")
     with torch.no_grad(), pytest.raises(tokenmem.TokenmemError, match="not 'tokenmem'"):
-        m(torch.randint(3, 300, (1, 10)), past_key_values=memory, use_cache=True)
+        m(torch.randint(3, 300, (1, 10)), **cache_kwargs(m, memory), use_cache=True)
 
 
 @pytest.mark.parametrize("kwargs,match", [
