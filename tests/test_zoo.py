@@ -178,10 +178,19 @@ def test_shipped_video_model_answers_held_out_clips_well_above_chance():
 
 def test_demo_runs_every_evictor_and_the_bank_recovers_the_value(capsys):
     """`tokenmem demo` (the README's main command) on the shipped models and scorer: language, video, RL."""
+    from transformers.utils import logging as hf_logging
+
     from tokenmem.zoo.demo import run
 
+    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
     assert run() == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    # its own progress, one line before and after each part; transformers' loading bars hidden, then restored
+    for k, part in ((1, "language"), (2, "video"), (3, "RL")):
+        assert f"\n[{k}/3] {part}: " in out and f"\n[{k}/3] done in " in out, out
+    assert "Loading weights" not in captured.err and hf_logging.is_progress_bar_enabled() == bars
+    assert torch.get_num_threads() == threads  # one thread while it ran, the caller's setting back
     language, rest = out.split("\nVideo QA:", 1)
     video, hopper = rest.split("\nDecision Transformer:", 1)
 
@@ -211,3 +220,11 @@ def test_demo_runs_every_evictor_and_the_bank_recovers_the_value(capsys):
     assert sum(held) <= 60 + 3  # the budget, plus the newest step's tokens
     full = rows["full history"].split(" | ")
     assert sum(int(x) for x in full[5].strip(" |").split("/")) == 3 * int(full[4]) - 1  # nothing evicted
+
+
+def test_demo_refuses_bad_threads():
+    from tokenmem.zoo.demo import run
+
+    for bad in (0, -2, 1.5):
+        with pytest.raises(TokenmemError, match="threads must be a positive int"):
+            run(threads=bad)

@@ -2,7 +2,7 @@
 
     tokenmem evictors                      list registered evictors
     tokenmem generate --model PATH --prompt-file F --evictor sink --budget 512
-    tokenmem demo                          the three shipped models (language, video, RL) under the evictors
+    tokenmem demo [--quick]                the three shipped models (language, video, RL) under the evictors
     tokenmem evolve --task synthetic --generations 20 --out DIR   evolve a NAMM scorer (CMA-ES)
     tokenmem rollout --env Hopper-v5 --evictor namm --budget 60   Decision Transformer episodes
     tokenmem video-qa --model PATH --video FILE --question "..." --frames 32   LLaVA-NeXT-Video QA
@@ -76,7 +76,7 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from tokenmem.zoo import demo
 
-    return demo.run(model_path=args.model, budget=args.budget)
+    return demo.run(model_path=args.model, budget=args.budget, quick=args.quick, threads=args.threads)
 
 
 def cmd_bench(args) -> int:
@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "language-trained NAMM scorer")
     p.add_argument("--model", default=None, help="local model directory (default: the shipped stdlib-llama)")
     p.add_argument("--budget", type=float, default=0.25, help="fraction of the context each memory keeps")
+    p.add_argument("--quick", action="store_true",
+                   help="the three parts smaller (3 language memories, 2 video memories, 100 Hopper steps): "
+                        "checks an installation")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: these models are small, and a second OpenMP thread stalls "
+                        "whenever another process takes its core)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="zero-shot transfer: every evictor on the shipped language, video and RL models")

@@ -5,17 +5,92 @@ the real ``from_pretrained`` and runs two held-out prompts under every evictor; 
 video model three questions about a generated clip, full cache vs h2o and the language-trained NAMM scorer at 25%;
 :func:`hopper` then rolls out the shipped Decision Transformer for one Hopper-v5 episode, full history vs the
 same scorer at 60 tokens.
+
+``quick=True`` (``tokenmem demo --quick``) runs the same three parts smaller: three memories on language (full,
+h2o, sink + memory bank), full cache and NAMM on video, 100 Hopper steps. It still loads every shipped model, the
+scorer and the task data and compiles the native kernel (h2o needs it), so it checks an installation (the wheel
+test runs it outside the repository).
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import torch
 
+QUICK_LANGUAGE = ("full", "h2o", "sink + memory bank")  # h2o: the native kernel; NAMM runs in video and RL
+QUICK_STEPS = 100
 
-def run(model_path: str | None = None, budget: float = 0.25) -> int:
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Hide transformers' weight-loading progress bars (restored afterwards); the demo prints its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+class Progress:
+    """``[k/3] part ...`` before each part and ``[k/3] done in N s`` after it (stdout, flushed)."""
+
+    def __init__(self, parts: int = 3):
+        self.parts, self.index, self.start = parts, 0, None
+        self.t0 = time.perf_counter()
+
+    def begin(self, text: str) -> None:
+        self.index += 1
+        self.start = time.perf_counter()
+        print(f"\n[{self.index}/{self.parts}] {text}", flush=True)
+
+    def end(self) -> None:
+        now = time.perf_counter()
+        print(f"[{self.index}/{self.parts}] done in {now - self.start:.0f} s (demo so far {now - self.t0:.0f} s)",
+              flush=True)
+
+
+def run(model_path: str | None = None, budget: float = 0.25, quick: bool = False, threads: int | None = 1) -> int:
     """The main job: the shipped standard-library model answers two held-out long-context prompts
     (a planted value ~1,000 tokens back, and the next line of a long file) with the full cache and with
-    every evictor at ``budget`` of the context, fed in 128-token chunks as a deployed memory would be."""
+    every evictor at ``budget`` of the context, fed in 128-token chunks as a deployed memory would be;
+    then :func:`video` and :func:`hopper`. ``quick``: fewer memories and a shorter episode (see the module).
+    ``threads``: torch threads while it runs (default 1, as ``tokenmem bench``: the models are small, and a second
+    OpenMP thread stalls whenever another process takes its core; None keeps torch's setting)."""
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        from tokenmem.errors import TokenmemError
+
+        raise TokenmemError(f"demo threads must be a positive int (or None: torch's setting), got {threads!r}")
+    progress = Progress()
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        _run(model_path, budget, quick, progress)
+    finally:
+        torch.set_num_threads(before)
+    return 0
+
+
+def _run(model_path, budget, quick, progress) -> None:
+    with quiet_loading():
+        language(model_path, budget, quick, progress)
+        progress.begin(f"video: {2 if quick else 3} memories x 3 questions about one clip, shipped LLaVA-NeXT-Video model")
+        video(quick=quick)
+        progress.end()
+        progress.begin("RL: 2 memories x one Hopper-v5 episode" + (f" (at most {QUICK_STEPS} steps)" if quick else "")
+                       + ", shipped Decision Transformer")
+        hopper(max_steps=QUICK_STEPS if quick else None)
+        progress.end()
+
+
+def language(model_path: str | None, budget: float, quick: bool, progress: Progress) -> None:
+    """Part 1 of :func:`run`: every evictor (``quick``: three memories) on the two held-out prompts."""
     from tokenmem.memory import TokenMemory
     from tokenmem.zoo import stdlib_lm_path
     from tokenmem.zoo.lm_tasks import CodeCompletionTask, RetrievalTask, completion_line, retrieved_value
@@ -23,6 +98,7 @@ def run(model_path: str | None = None, budget: float = 0.25) -> int:
     path = str(model_path or stdlib_lm_path())
     from transformers import AutoModelForCausalLM
 
+    progress.begin(f"language: {len(QUICK_LANGUAGE) if quick else 7} memories x 2 held-out prompts, shipped stdlib Llama")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     retrieval = RetrievalTask(split="eval", distances=(1024,), limit=None, model_path=path)
     retrieval.records, retrieval.prompts = retrieval.records[:1], retrieval.prompts[:1]
@@ -41,6 +117,8 @@ def run(model_path: str | None = None, budget: float = 0.25) -> int:
                                                   ("h2o", "h2o", None),
                                                   ("namm (language scorer)", NAMM.pretrained("language"), None),
                                                   ("sink + memory bank", "sink", Bank())]
+    if quick:
+        evictors = [row for row in evictors if row[0] in QUICK_LANGUAGE]
     print("\n| evictor | budget | KV held | retrieval answer | next line predicted | decode ms/token "
           "| code prompt held, by quarter |")
     print("|---|---|---|---|---|---|---|")
@@ -64,9 +142,7 @@ def run(model_path: str | None = None, budget: float = 0.25) -> int:
           "\nby quarter: the share of each quarter of the code prompt (oldest first) held after the answer;"
           "\nthe memory bank keeps evicted tokens in host memory and brings the best-matching chunks back.")
     print("Full tables: python benchmarks/language.py (see README, Results).")
-    video()
-    hopper()
-    return 0
+    progress.end()
 
 
 def held_by_quarter(memory, prompt_len: int) -> list[float]:
@@ -81,11 +157,11 @@ def held_by_quarter(memory, prompt_len: int) -> list[float]:
     return (counts / (size.clamp_min(1) * len(memory.layers) * rows_heads)).tolist()
 
 
-def video(model_path: str | None = None, budget: float = 0.25, clip_index: int = 0) -> list[dict]:
+def video(model_path: str | None = None, budget: float = 0.25, clip_index: int = 0, quick: bool = False) -> list[dict]:
     """The three questions about one generated held-out clip, asked of the shipped video model
     (``shapes-llava-video``) with the full cache and with the language-trained NAMM scorer (unchanged) holding
     ``budget`` of the tokens (and h2o at the same budget), the prompt streamed in chunks so that the memory chooses
-    while it watches; prints each answer and which frames the memory kept (event frames starred)."""
+    while it watches; prints each answer and which frames the memory kept (event frames starred). ``quick``: no h2o row."""
     from tokenmem.plugins.namm import NAMM
     from tokenmem.zoo import video_lm_path
     from tokenmem.zoo import video_task as task
@@ -100,8 +176,8 @@ def video(model_path: str | None = None, budget: float = 0.25, clip_index: int =
     print("\n| memory | budget | KV held | " + " | ".join(task.QUESTIONS) + " | held video tokens on event frames |")
     print("|---|---|---|---|---|---|---|")
     rows, shared = [], None
-    for label, evictor, b in (("full", "full", None), ("h2o", "h2o", budget),
-                              ("namm (language scorer)", NAMM.pretrained("language"), budget)):
+    memories = [("full", "full", None), ("h2o", "h2o", budget), ("namm (language scorer)", NAMM.pretrained("language"), budget)]
+    for label, evictor, b in memories[::2] if quick else memories:
         qa = shared = video_qa(shared or path, evictor, b, frames)
         answers = qa.ask_many([clip.frames] * len(task.QUESTIONS), list(task.QUESTIONS.values()), max_new_tokens=6)
         said = [a.text.strip() for a in answers]
@@ -120,10 +196,11 @@ def video(model_path: str | None = None, budget: float = 0.25, clip_index: int =
     return rows
 
 
-def hopper(model_path: str | None = None, budget: int = 60, seed: int = 0) -> list[dict]:
+def hopper(model_path: str | None = None, budget: int = 60, seed: int = 0, max_steps: int | None = None) -> list[dict]:
     """One Hopper-v5 episode of the shipped Decision Transformer with its full history cached, and with
     the language-trained NAMM scorer (unchanged) holding ``budget`` tokens (``budget // 3`` timesteps);
-    prints each return, D4RL-normalised score and the token types the memory held at the end."""
+    prints each return, D4RL-normalised score and the token types the memory held at the end (``max_steps``: the
+    episode stops there)."""
     try:
         from tokenmem.envs import make_env, shipped_dt_path
     except ImportError as exc:  # gymnasium / mujoco not installed
@@ -142,7 +219,8 @@ def hopper(model_path: str | None = None, budget: int = 60, seed: int = 0) -> li
     print("|---|---|---|---|---|---|")
     rows = []
     for label, evictor, b in (("full history", "full", None), ("namm (language scorer)", NAMM.pretrained("language"), budget)):
-        result = rollout(adapter, CachedPolicy(adapter, evictor, b), [make_env(adapter.env_id)], [seed])
+        result = rollout(adapter, CachedPolicy(adapter, evictor, b), [make_env(adapter.env_id)], [seed],
+                         max_steps=max_steps)
         meta = result.memory.layers[0].meta
         valid = meta.valid[0, 0]
         kinds = [MODALITY_NAMES[int(c)] for c in meta.modality[0, 0][valid].tolist()]
