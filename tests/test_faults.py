@@ -30,10 +30,13 @@ from video_support import tiny_llava_dir  # noqa: F401  (fixture)
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
-def observe(fault: str, injected: str, outcome: str) -> None:
-    """Record one row of the faults table (only when benchmarks/faults.py asks for it)."""
+def observe(fault: str, injected: str, outcome: str, tmp_path: Path | None = None) -> None:
+    """Record one row of the faults table (only when benchmarks/faults.py asks for it); the test's temporary
+    directory is shown as ``<tmp>``."""
     report = os.environ.get("TOKENMEM_FAULTS_REPORT")
     if report:
+        if tmp_path is not None:
+            outcome = outcome.replace(str(tmp_path), "<tmp>")
         with open(report, "a") as f:
             f.write(json.dumps({"fault": fault, "injected": injected, "outcome": outcome,
                                 "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]}) + "\n")
@@ -79,6 +82,12 @@ def damage(path: Path, how: str) -> None:
         path.write_bytes(b"")
     else:
         raise ValueError(how)
+
+
+def mid_write(folder: Path) -> str:
+    """Whether the kill landed while a checkpoint was being written (its temporary file is left behind, unread)."""
+    left = sorted(p.name for p in folder.glob(".*.tmp*"))
+    return f" (the kill landed mid-write: {', '.join(left)} left beside it, never read)" if left else ""
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -142,14 +151,14 @@ def test_lm_trainer_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path,
 
     code = kill_when(t.main, (work_dir(cut),), lambda: checkpoint_step(cut / "checkpoint.pt") >= 2)
     assert code == -signal.SIGKILL
-    killed_at = checkpoint_step(cut / "checkpoint.pt")
+    killed_at, during = checkpoint_step(cut / "checkpoint.pt"), mid_write(cut)
     assert 2 <= killed_at < steps and not (cut / "final").exists()
     t.main(work_dir(cut))  # the same command resumes from the checkpoint
     assert _lm_log(cut) == _lm_log(full)  # every step once, the same losses and evaluations
     a, b = load_file(full / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     observe("LM trainer (tokenmem.zoo.train_lm) SIGKILLed mid-run", f"SIGKILL after the checkpoint of step "
-            f"{killed_at} of {steps} was on disk; the same command run again",
+            f"{killed_at} of {steps} was on disk{during}; the same command run again",
             "resumes at the checkpoint; log (losses, evaluations) and final weights bit-identical to an uninterrupted run")
 
 
@@ -169,7 +178,7 @@ def test_lm_trainer_refuses_a_damaged_checkpoint(tmp_path, monkeypatch):
         assert info.value.path == str(ckpt)
         assert files_of(work) == before  # the log and the damaged checkpoint itself are left as they were
         observe("LM training checkpoint damaged", f"checkpoint.pt {how}, then the run resumed",
-                f"CorruptFileError before any change: {str(info.value)[:150]}")
+                f"CorruptFileError before any change: {info.value}", tmp_path)
 
 
 # -- the video trainer (tokenmem.zoo.train_video --tiny) -----------------------------------------------------
@@ -185,7 +194,7 @@ def test_video_trainer_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_pa
     args = ["--out", str(cut), "--max-steps", "6", "--save-minutes", "0", *VIDEO]
     code = kill_when(main, (args,), lambda: checkpoint_step(cut / "checkpoint.pt") >= 2)
     assert code == -signal.SIGKILL
-    killed_at = checkpoint_step(cut / "checkpoint.pt")
+    killed_at, during = checkpoint_step(cut / "checkpoint.pt"), mid_write(cut)
     assert 2 <= killed_at < 6 and not (cut / "final").exists()
     main([*args, "--resume"])
     a, b = load_torch(full / "checkpoint.pt"), load_torch(cut / "checkpoint.pt")
@@ -194,7 +203,7 @@ def test_video_trainer_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_pa
     losses = [[r["loss"] for r in map(json.loads, (d / "log.jsonl").read_text().splitlines())] for d in (full, cut)]
     assert losses[0] == losses[1] and len(losses[0]) == 6
     observe("video trainer (tokenmem.zoo.train_video) SIGKILLed mid-run",
-            f"SIGKILL after the checkpoint of step {killed_at} of 6; the command again with --resume",
+            f"SIGKILL after the checkpoint of step {killed_at} of 6{during}; the command again with --resume",
             "resumes at the checkpoint; losses and final weights bit-identical to an uninterrupted run")
 
     # a damaged checkpoint: refused by name, nothing touched
@@ -205,7 +214,7 @@ def test_video_trainer_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_pa
         main([*args, "--max-steps", "8", "--resume"])
     assert info.value.path == str(ckpt) and files_of(cut) == before
     observe("video training checkpoint damaged", "checkpoint.pt bit-flipped, then --resume",
-            f"CorruptFileError before any change: {str(info.value)[:150]}")
+            f"CorruptFileError before any change: {info.value}", tmp_path)
 
 
 # -- the Decision Transformer trainer (tokenmem.envs.train_dt) ------------------------------------------------
@@ -237,7 +246,7 @@ def test_dt_trainer_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path,
     code = kill_when(train_dt.main, (dt_args(dt_dataset, cut, steps, every=2),),
                      lambda: checkpoint_step(cut / "checkpoint.pt") >= 10)
     assert code == -signal.SIGKILL
-    killed_at = checkpoint_step(cut / "checkpoint.pt")
+    killed_at, during = checkpoint_step(cut / "checkpoint.pt"), mid_write(cut)
     assert 10 <= killed_at < steps and not (cut / "model").exists()
     assert train_dt.main([*dt_args(dt_dataset, cut, steps, every=2), "--resume"]) == 0
     a, b = load_file(full / "model" / "model.safetensors"), load_file(cut / "model" / "model.safetensors")
@@ -245,7 +254,7 @@ def test_dt_trainer_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path,
     logs = [[(r["step"], r["loss"], r["lr"]) for r in load_torch(d / "checkpoint.pt")["log"]] for d in (full, cut)]
     assert logs[0] == logs[1] and logs[0][-1][0] == steps
     observe("DT trainer (tokenmem.envs.train_dt) SIGKILLed mid-run",
-            f"SIGKILL after the checkpoint of step {killed_at} of {steps}; the command again with --resume",
+            f"SIGKILL after the checkpoint of step {killed_at} of {steps}{during}; the command again with --resume",
             "resumes at the checkpoint; losses and final weights bit-identical to an uninterrupted run")
 
 
@@ -261,11 +270,11 @@ def test_dt_trainer_refuses_a_damaged_checkpoint(tmp_path, dt_dataset, capsys):
         damage(ckpt, how)
         before = files_of(out)
         assert train_dt.main([*dt_args(dt_dataset, out, 6), "--resume"]) == 2
-        err = capsys.readouterr().err
-        assert str(ckpt) in err and ("truncated or corrupt" in err or "checksum" in err)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokenmem: error:")]
+        assert len(err) == 1 and str(ckpt) in err[0] and ("truncated or corrupt" in err[0] or "checksum" in err[0])
         assert files_of(out) == before
         observe("DT training checkpoint damaged", f"checkpoint.pt {how}, then --resume",
-                f"exit code 2 before any change: {err.strip()[:150]}")
+                f"exit code 2 before any change: {err[0]}", tmp_path)
 
 
 # -- the NAMM evolution's checkpoint (plugins/namm/evolve.py) ------------------------------------------------------
@@ -291,7 +300,7 @@ def test_namm_evolution_refuses_a_damaged_checkpoint(tmp_path):
             evolve(task, out, models=[model], generations=2, population=4, seed=0, progress=False, resume=True)
         assert info.value.path == str(ckpt) and files_of(out) == before
         observe("NAMM evolution checkpoint damaged", f"checkpoint.pkl {how}, then resume=True",
-                f"CorruptFileError before any change: {str(info.value)[:150]}")
+                f"CorruptFileError before any change: {info.value}", tmp_path)
 
 
 # -- NAMM scorer files ----------------------------------------------------------------------------------------
@@ -313,7 +322,7 @@ def test_damaged_scorer_files_are_refused_by_name(tmp_path):
             NAMM.from_file(tmp_path / "s")
         assert info.value.path == str(path)
         observe(f"NAMM scorer {name} damaged", f"{name} {how}, then NAMM.from_file / evictor='namm'",
-                f"CorruptFileError: {str(info.value)[:150]}")
+                f"CorruptFileError: {info.value}", tmp_path)
     # a scorer saved before scorer.json carried the checksum still loads
     weights.write_bytes(good_w)
     old = json.loads(good_m)
@@ -337,13 +346,13 @@ def test_truncated_model_weights_are_refused_by_name(tmp_path, tiny_llama_dir):
             TextAdapter.from_pretrained(str(model_dir))
         assert info.value.path == str(weights)
         observe("model weights (model.safetensors) damaged", f"{how}, then TextAdapter.from_pretrained",
-                f"CorruptFileError: {str(info.value)[:150]}")
+                f"CorruptFileError: {info.value}", tmp_path)
     weights.write_bytes(good)
     (model_dir / "config.json").write_text("{")
     with pytest.raises(CorruptFileError, match="config.json") as info:
         TextAdapter.from_pretrained(str(model_dir))
     observe("model config.json damaged", "config.json truncated, then TextAdapter.from_pretrained",
-            f"CorruptFileError: {str(info.value)[:150]}")
+            f"CorruptFileError: {info.value}", tmp_path)
 
 
 def test_truncated_weights_of_the_decision_and_video_models(tmp_path, tiny_llava_dir):  # noqa: F811
@@ -360,7 +369,7 @@ def test_truncated_weights_of_the_decision_and_video_models(tmp_path, tiny_llava
             load(str(model_dir))
         assert info.value.path == str(model_dir / "model.safetensors")
         observe("model weights (model.safetensors) damaged", f"truncated, then {name}(directory)",
-                f"CorruptFileError: {str(info.value)[:150]}")
+                f"CorruptFileError: {info.value}", tmp_path)
 
 
 # -- videos -------------------------------------------------------------------------------------------------------
@@ -374,7 +383,7 @@ def test_damaged_video_is_refused_by_name(tmp_path, how):
     damage(path, how)
     with pytest.raises(VideoError, match=f"could not decode '{path}'.*re-encode it") as info:
         read_video(path, 4)
-    observe("video file damaged", f"mp4 {how}, then read_video / VideoQA.ask", f"VideoError: {str(info.value)[:150]}")
+    observe("video file damaged", f"mp4 {how}, then read_video / VideoQA.ask", f"VideoError: {info.value}", tmp_path)
 
 
 # -- training logs --------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ attention-row window), compaction, and the transformers v5 cache-layer API."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
@@ -197,9 +199,10 @@ class MemoryLayer(CacheLayerMixin):
         if q == 0:
             raise InputError(f"layer {self.index} received a call without tokens; give the model at least one token "
                              "(an empty prompt cannot be stored or generated from)")
-        # one reduction per tensor (NaN and inf propagate through a sum); the exact test only when it is not finite
-        total = key_states.sum(dtype=torch.float32) + value_states.sum(dtype=torch.float32)
-        if not bool(torch.isfinite(total)):
+        # one reduction per tensor (NaN and inf propagate through a sum; two float() are cheaper than more tensor ops
+        # on a decode step); the exact test only when the sum is not finite
+        total = float(key_states.sum(dtype=torch.float32)) + float(value_states.sum(dtype=torch.float32))
+        if not math.isfinite(total):
             bad = [name for name, t in (("keys", key_states), ("values", value_states))
                    if not bool(torch.isfinite(t).all())]
             if bad:  # (else: finite values whose sum overflowed float32)
