@@ -10,7 +10,8 @@
 
 from .compat import cache_keyword, cache_kwargs
 from .config import MemoryConfig
-from .errors import BudgetError, MemoryStateError, TokenmemError, UnknownEvictorError, UnsupportedModelError
+from .errors import (BudgetError, CorruptFileError, InputError, MemoryStateError, TokenmemError, UnknownEvictorError,
+                     UnsupportedModelError)
 from .evictor import Evictor, LayerView, get_evictor, list_evictors, register_evictor
 from .memory import TokenMemory
 from .meta import MODALITIES, TokenMeta
@@ -28,7 +29,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BudgetError",
+    "CorruptFileError",
     "Evictor",
+    "InputError",
     "LayerView",
     "MODALITIES",
     "MemoryConfig",
