@@ -5,6 +5,7 @@ from the stored metadata and the buffers' shapes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import tokenmem
@@ -27,14 +28,17 @@ def _by_hand(memory):
     return counts, kv, slots, total
 
 
-def _check(stats, memory):
+def _check(stats, memory, real=None):
+    """``real``: the real (not padding) tokens each row has seen (default: every token seen)."""
     counts, kv, slots, total = _by_hand(memory)
     assert stats["held_per_head"] == counts
     assert stats["held_slots"] == slots
     assert stats["kv_bytes"] == kv and stats["bytes"] == total
     means = [sum(map(sum, c)) / sum(map(len, c)) for c in counts]
     assert stats["held"] == means
-    assert stats["held_fraction"] == sum(means) / (len(means) * stats["seen"])
+    real = real or [stats["seen"]] * len(counts[0])
+    shares = [sum(map(sum, c)) / (len(c[0]) * sum(real)) for c in counts]  # valid held / real tokens seen
+    assert stats["held_fraction"] == pytest.approx(sum(shares) / len(shares), rel=1e-12)
     report = occupancy(memory)
     assert report["slots"] == slots and report["held"] == counts and report["kv_bytes_valid"] == kv
     assert report["bytes"] == total
@@ -47,7 +51,8 @@ def test_left_padding_is_allocated_but_not_held():
     with torch.no_grad():
         model(ids, attention_mask=mask, past_key_values=memory, use_cache=True)
     stats = memory.stats()
-    _check(stats, memory)
+    _check(stats, memory, real=[30, 24])
+    assert stats["held_fraction"] == 1.0  # every real token is held
     assert stats["held_slots"] == [30, 30]
     assert stats["held_per_head"] == [[[30, 30], [24, 24]]] * 2
     assert stats["held"] == [27, 27] and isinstance(stats["held"][0], int)  # (30 + 24) / 2
@@ -64,7 +69,8 @@ def test_a_uniform_evictor_with_left_padding_holds_at_most_the_budget_in_every_h
     with torch.no_grad():
         model(ids, attention_mask=mask, past_key_values=memory, use_cache=True)
     stats = memory.stats()
-    _check(stats, memory)
+    _check(stats, memory, real=[40, 10])
+    assert stats["held_fraction"] == (16 + 10) / (40 + 10)
     assert stats["held_slots"] == [16, 16]
     assert stats["held_per_head"] == [[[16, 16], [10, 10]]] * 2  # the short row holds all it has
     assert stats["held"] == [13, 13]
@@ -124,3 +130,19 @@ def test_summary_shows_a_fractional_mean():
     # rows of 30 and 25 valid tokens (the first column dropped): a mean of 27.5
     assert memory.stats()["held"] == [27.5, 27.5]
     assert "held/layer=27.5 (slots 30)" in memory.summary()
+
+
+def test_padding_counts_follow_the_rows_through_generate_with_beams():
+    """Beam search reorders and repeats the memory's rows; the padding each row has seen goes with it, so a full
+    cache still holds 100% of the real tokens."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch(2, 20, seed=3, pad=7)
+    memory = tokenmem.TokenMemory(model, "full")
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, past_key_values=memory, max_new_tokens=5, num_beams=3,
+                       do_sample=False)
+    stats = memory.stats()
+    assert memory.padding_seen.tolist() == [0, 0, 0, 7, 7, 7]
+    assert stats["held_fraction"] == 1.0
+    assert [len(layer) for layer in stats["held_per_head"]] == [6, 6]
+    _check(stats, memory, real=[stats["seen"]] * 3 + [stats["seen"] - 7] * 3)

@@ -30,7 +30,7 @@ from .evictor import DEFAULT_INTERVAL, Evictor, LayerView  # noqa: F401  (DEFAUL
 from .layer import CROP_ERROR, MemoryLayer
 from .meta import FLAGS, PAD, ROPE, TokenMeta, pack_call
 from .model import ModelContext, as_id_tensor, prepare_model
-from .occupancy import allocated_bytes, layer_held, mean_count, token_bytes
+from .occupancy import allocated_bytes, count_range, held_fraction, layer_held, mean_count, token_bytes
 from .rope import rotate_to_slots, shift_call
 from .rows import attend_in_row_chunks, attend_in_window
 from .selection import choose_kept, select_kept, whole_segments  # noqa: F401  (re-exported)
@@ -124,6 +124,7 @@ class TokenMemory(Cache):
         self._annotation: TokenMeta | None = None
         self._chunk: tuple | None = None
         self.has_padding = False
+        self.padding_seen: torch.Tensor | None = None  # [batch] padding tokens each row has seen (None: none)
         super().__init__(layers=[MemoryLayer(self, i) for i in range(self.context.num_layers)])
         self.bank = make_bank(config.bank, self)  # None without a bank
 
@@ -157,8 +158,26 @@ class TokenMemory(Cache):
         self._annotation = None
         self._chunk = None
         self.has_padding = False
+        self.padding_seen = None
         if self.bank is not None:
             self.bank.reset()
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        if self.padding_seen is not None:  # the padding counts follow their rows
+            self.padding_seen = self.padding_seen[index.cpu()]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self._select_rows(beam_idx)
+        super().reorder_cache(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self._select_rows(indices)
+        super().batch_select_indices(indices)
+
+    def batch_repeat_interleave(self, repeats: int):
+        if self.padding_seen is not None:
+            self._select_rows(torch.arange(self.padding_seen.shape[0]).repeat_interleave(repeats))
+        super().batch_repeat_interleave(repeats)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise MemoryStateError(CROP_ERROR)
@@ -192,7 +211,8 @@ class TokenMemory(Cache):
         * ``held_per_head``: per layer, ``[batch][kv_heads]`` lists of those valid counts;
         * ``held_slots``: per layer, the slots allocated per (row, KV head) (the largest head's count: masked
           and padding slots included);
-        * ``held_fraction``: the mean of ``held`` over layers as a fraction of the tokens seen;
+        * ``held_fraction``: the valid tokens held as a fraction of the real tokens seen (padding left out),
+          mean over layers;
         * ``bytes``: every buffer allocated (keys, values, metadata, evictor state, statistics);
           ``kv_bytes``: the keys and values of the valid tokens only;
         * ``evictions``, ``evictor``, ``positions``; with a memory bank, ``"bank"``: its chunks, bytes (host,
@@ -202,13 +222,14 @@ class TokenMemory(Cache):
         held = [mean_count(c) for c in counts]
         kv_bytes = sum(int(c.sum()) * token_bytes(layer) for layer, c in zip(self.layers, counts))
         seen = self.seen
+        fraction = held_fraction(counts, seen, self.padding_seen)
         bank = {} if self.bank is None else {"bank": self.bank.stats()}
         return {
             "seen": seen,
             "held": held,
             "held_per_head": [c.tolist() for c in counts],
             "held_slots": [layer.held for layer in self.layers],
-            "held_fraction": (sum(held) / (len(held) * seen)) if seen and held else 1.0,
+            "held_fraction": fraction,
             "budget": self.budget_tokens(),
             "bytes": sum(allocated_bytes(layer) for layer in self.layers),
             "kv_bytes": kv_bytes,
@@ -222,15 +243,9 @@ class TokenMemory(Cache):
         """A one-line, human-readable memory summary (valid tokens held per layer; the allocated slots when they
         differ: masked or padding slots)."""
         s = self.stats()
-
-        def span(values) -> str:
-            low, high = (min(values), max(values)) if values else (0, 0)
-            text = [str(x) if isinstance(x, int) else f"{x:.1f}" for x in (low, high)]
-            return text[0] if low == high else f"{text[0]}-{text[1]}"
-
-        held_txt = span(s["held"])
+        held_txt = count_range(s["held"])
         if s["held_slots"] != s["held"]:
-            held_txt += f" (slots {span(s['held_slots'])})"
+            held_txt += f" (slots {count_range(s['held_slots'])})"
         budget = "all" if s["budget"] is None else s["budget"]
         return (
             f"memory: evictor={s['evictor']} budget={budget} seen={s['seen']} held/layer={held_txt} "
@@ -302,6 +317,8 @@ class TokenMemory(Cache):
         self._annotation = None
         if padded:
             self.has_padding = True
+            pads = ((meta[..., FLAGS] & PAD) != 0).sum(-1).cpu()  # [b]
+            self.padding_seen = pads if self.padding_seen is None else self.padding_seen + pads
         chunk = meta[:, None]  # [b, 1, q, F]
         self._chunk = ((start, q, b), chunk)
         return chunk

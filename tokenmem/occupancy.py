@@ -53,6 +53,27 @@ def mean_count(counts: torch.Tensor) -> int | float:
     return int(mean) if mean.is_integer() else mean
 
 
+def held_fraction(counts: list[torch.Tensor], seen: int, padding_seen: torch.Tensor | None = None) -> float:
+    """Valid tokens held as a fraction of the real tokens seen, mean over layers: ``counts`` per layer ``[batch,
+    kv_heads]`` (:func:`held_tokens`), ``seen`` tokens seen, ``padding_seen`` ``[batch]`` padding tokens each row has
+    seen (``None``: none), which are not real tokens. 1.0 before any token."""
+    if not seen or not counts:
+        return 1.0
+    if padding_seen is None:
+        return sum(mean_count(c) for c in counts) / (len(counts) * seen)
+    real = (seen - padding_seen).clamp(min=0)  # [batch]
+    shares = [float(c.sum()) / (c.shape[1] * float(real.sum())) if c.numel() and int(real.sum()) else 1.0
+              for c in counts]
+    return sum(shares) / len(shares)
+
+
+def count_range(values: list) -> str:
+    """``"27"`` or ``"5-35"`` (one decimal for fractional means): the spread of per-layer counts."""
+    low, high = (min(values), max(values)) if values else (0, 0)
+    text = [str(x) if isinstance(x, int) else f"{x:.1f}" for x in (low, high)]
+    return text[0] if low == high else f"{text[0]}-{text[1]}"
+
+
 def occupancy(memory) -> dict:
     """Valid tokens and bytes, honestly, per layer: ``slots`` (allocated slots, as ``stats()["held_slots"]``),
     ``held`` as ``[batch][kv_heads]`` lists of valid tokens (as ``stats()["held_per_head"]``), ``held_mean`` /
