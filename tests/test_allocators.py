@@ -201,3 +201,35 @@ def test_an_evictor_returning_a_bad_layer_budget_is_reported():
     memory = tokenmem.TokenMemory(model, Bad(), budget=4)
     with pytest.raises(tokenmem.TokenmemError, match="layer_budget.*two token counts >= 1.*spend=0"):
         _feed(model, memory, torch.randint(3, 300, (1, 8)))
+
+
+def test_pyramid_keeps_protected_tokens_beyond_a_small_layer_share_up_to_the_budget():
+    """A protected span (a question) longer than the deep layers' shares (15, 5): kept there whole with SnapKV's
+    window, as a uniform evictor at the same budget keeps them, instead of a BudgetError; the shallow layers keep
+    their shares."""
+    from tokenmem.meta import PROTECT, TokenMeta
+
+    model = _model()
+    memory = tokenmem.TokenMemory(model, "pyramid", budget=B, beta=BETA, window=4, interval=64)
+    flags = torch.zeros(60, dtype=torch.long)
+    flags[10:22] = PROTECT  # 12 protected tokens, early in the prompt
+    memory.annotate(TokenMeta.build(1, 60, flags=flags))
+    _feed(model, memory, torch.randint(3, 300, (1, 60), generator=torch.Generator().manual_seed(9)))
+    protected = 12 + 4  # the span and SnapKV's window (4 newest tokens)
+    assert memory.stats()["held"] == [max(share, protected) for share in SHARES] == [35, 25, 16, 16]
+    for layer in memory.layers:
+        kept = layer.meta.position[0, 0].tolist()
+        assert set(range(10, 22)) <= set(kept)
+
+
+def test_pyramid_reports_protected_tokens_beyond_what_a_layer_may_keep():
+    from tokenmem.meta import PROTECT, TokenMeta
+
+    model = _model()
+    memory = tokenmem.TokenMemory(model, "pyramid", budget=B, beta=BETA, window=4, interval=64)
+    flags = torch.zeros(60, dtype=torch.long)
+    flags[10:40] = PROTECT  # 30 protected tokens + the window: more than layer 1 may keep (25)
+    memory.annotate(TokenMeta.build(1, 60, flags=flags))
+    with pytest.raises(tokenmem.BudgetError, match=r"budget of 25 tokens is smaller than the 34 tokens evictor "
+                       r"'pyramid' \(which lets this layer keep 25 tokens per head of the memory's budget of 20\)"):
+        _feed(model, memory, torch.randint(3, 300, (1, 60)))
