@@ -201,7 +201,8 @@ class MemoryLayer(CacheLayerMixin):
                              "(an empty prompt cannot be stored or generated from)")
         # one reduction per tensor (NaN and inf propagate through a sum; two float() are cheaper than more tensor ops
         # on a decode step); the exact test only when the sum is not finite
-        total = float(key_states.sum(dtype=torch.float32)) + float(value_states.sum(dtype=torch.float32))
+        total = (float(key_states.detach().sum(dtype=torch.float32))
+                 + float(value_states.detach().sum(dtype=torch.float32)))
         if not math.isfinite(total):
             bad = [name for name, t in (("keys", key_states), ("values", value_states))
                    if not bool(torch.isfinite(t).all())]
