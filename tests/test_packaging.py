@@ -86,11 +86,15 @@ def test_the_wheel_works_in_a_fresh_environment_outside_the_repository(tmp_path)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env.update(TOKENMEM_CACHE=str(tmp_path / "cache"), TOKENMEM_NATIVE="require", PATH=f"{venv / 'bin'}:{env['PATH']}")
+    # the installed package, its mapped folders and shipped files, and the native kernel built from the wheel's
+    # colmass.cpp into the fresh TOKENMEM_CACHE (TOKENMEM_NATIVE=require: a failed build raises)
     where = subprocess.run([str(python), "-c", "import tokenmem, tokenmem.plugins.sink, tokenmem.adapters.text, "
-                            "tokenmem.zoo as z; print(tokenmem.__file__); print(tokenmem.plugins.sink.__file__); "
-                            "print(z.stdlib_lm_path())"], check=True, capture_output=True, text=True, cwd=work,
-                           env=env).stdout.split()
-    assert all(Path(p).is_relative_to(site) for p in where), where
+                            "tokenmem.zoo as z; from tokenmem.kernels import native; assert native.load(); "
+                            "print(tokenmem.__file__); print(tokenmem.plugins.sink.__file__); "
+                            "print(z.stdlib_lm_path()); print(native.__file__)"],
+                           check=True, capture_output=True, text=True, cwd=work, env=env).stdout.split()
+    assert len(where) == 4 and all(Path(p).is_relative_to(site) for p in where), where
+    assert list((tmp_path / "cache" / "kernels").glob("colmass-*.so"))
 
     demo = subprocess.run([str(venv / "bin" / "tokenmem"), "demo", "--quick"], capture_output=True, text=True,
                           cwd=work, env=env, timeout=1800)
@@ -102,5 +106,3 @@ def test_the_wheel_works_in_a_fresh_environment_outside_the_repository(tmp_path)
         assert table in out, out
     assert "[3/3] done" in out and "skipped" not in out
     assert "FutureWarning" not in out + err and "Loading weights" not in out + err, out + err
-    built = list((tmp_path / "cache" / "kernels").glob("colmass-*.so"))
-    assert built  # h2o's kernel, compiled here from the wheel's colmass.cpp (TOKENMEM_NATIVE=require)

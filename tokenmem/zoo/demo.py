@@ -8,8 +8,7 @@ same scorer at 60 tokens.
 
 ``quick=True`` (``tokenmem demo --quick``) runs the same three parts smaller: three memories on language (full,
 h2o, sink + memory bank), full cache and NAMM on video, 100 Hopper steps. It still loads every shipped model, the
-scorer and the task data and compiles the native kernel (h2o needs it), so it checks an installation (the wheel
-test runs it outside the repository).
+scorer and the task data, so it checks an installation (the wheel test runs it outside the repository).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import time
 
 import torch
 
-QUICK_LANGUAGE = ("full", "h2o", "sink + memory bank")  # h2o: the native kernel; NAMM runs in video and RL
+QUICK_LANGUAGE = ("full", "h2o", "sink + memory bank")  # an attention-mass evictor and the bank; NAMM: video, RL
 QUICK_STEPS = 100
 
 
