@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import tokenmem
+from tokenmem.compat import cache_kwargs
 from conftest import padded_batch, tiny_model
 from tokenmem.occupancy import held_tokens
 from tokenmem.scoring import pyramid_budgets
@@ -30,7 +31,7 @@ def _feed(model, memory, ids, chunk=None, mask=None, check=None):
     with torch.no_grad():
         for s in range(0, ids.shape[1], step):
             part = None if mask is None else mask[:, : s + step]
-            out = model(ids[:, s : s + step], attention_mask=part, past_key_values=memory, use_cache=True)
+            out = model(ids[:, s : s + step], attention_mask=part, **cache_kwargs(model, memory), use_cache=True)
             if check is not None:
                 check()
     return out
@@ -42,7 +43,7 @@ def _decode(model, memory, out, steps, mask=None, check=None):
             tok = out.logits[:, -1:].argmax(-1)
             if mask is not None:
                 mask = torch.cat([mask, torch.ones_like(tok)], 1)
-            out = model(tok, attention_mask=mask, past_key_values=memory, use_cache=True)
+            out = model(tok, attention_mask=mask, **cache_kwargs(model, memory), use_cache=True)
             if check is not None:
                 check()
     return out

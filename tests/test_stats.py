@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tokenmem
+from tokenmem.compat import cache_kwargs
 from conftest import padded_batch, tiny_model
 from tokenmem.meta import FLAGS, PAD
 from tokenmem.occupancy import occupancy
@@ -49,7 +50,7 @@ def test_left_padding_is_allocated_but_not_held():
     ids, mask = padded_batch(2, 30, seed=1, pad=6)  # row 1: 6 padding tokens
     memory = tokenmem.TokenMemory(model, "full")
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=memory, use_cache=True)
+        model(ids, attention_mask=mask, **cache_kwargs(model, memory), use_cache=True)
     stats = memory.stats()
     _check(stats, memory, real=[30, 24])
     assert stats["held_fraction"] == 1.0  # every real token is held
@@ -67,7 +68,7 @@ def test_a_uniform_evictor_with_left_padding_holds_at_most_the_budget_in_every_h
     ids, mask = padded_batch(2, 40, seed=2, pad=30)  # row 1 has 10 real tokens, fewer than the budget
     memory = tokenmem.TokenMemory(model, "h2o", budget=16, interval=4)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=memory, use_cache=True)
+        model(ids, attention_mask=mask, **cache_kwargs(model, memory), use_cache=True)
     stats = memory.stats()
     _check(stats, memory, real=[40, 10])
     assert stats["held_fraction"] == (16 + 10) / (40 + 10)
@@ -91,7 +92,7 @@ def test_masked_slots_of_a_ragged_eviction_are_not_held():
     model = tiny_model("llama")
     memory = tokenmem.TokenMemory(model, OddHeads(), budget=40, interval=64)
     with torch.no_grad():
-        model(torch.randint(3, 300, (1, 50)), past_key_values=memory, use_cache=True)
+        model(torch.randint(3, 300, (1, 50)), **cache_kwargs(model, memory), use_cache=True)
     stats = memory.stats()
     _check(stats, memory)
     # head 0: the 25 even positions; head 1: positions 21..49 (29); slots: the larger count
@@ -105,7 +106,7 @@ def test_stats_of_a_memory_without_eviction_match_the_slots():
     model = tiny_model("llama")
     memory = tokenmem.TokenMemory(model, "sink", budget=24, interval=4)
     with torch.no_grad():
-        model(torch.randint(3, 300, (1, 50)), past_key_values=memory, use_cache=True)
+        model(torch.randint(3, 300, (1, 50)), **cache_kwargs(model, memory), use_cache=True)
     stats = memory.stats()
     _check(stats, memory)
     assert stats["held"] == stats["held_slots"] == [24, 24]
@@ -126,7 +127,7 @@ def test_summary_shows_a_fractional_mean():
     ids, mask = padded_batch(2, 31, seed=1, pad=6)
     memory = tokenmem.TokenMemory(model, "full")
     with torch.no_grad():
-        model(ids[:, 1:], attention_mask=mask[:, 1:], past_key_values=memory, use_cache=True)
+        model(ids[:, 1:], attention_mask=mask[:, 1:], **cache_kwargs(model, memory), use_cache=True)
     # rows of 30 and 25 valid tokens (the first column dropped): a mean of 27.5
     assert memory.stats()["held"] == [27.5, 27.5]
     assert "held/layer=27.5 (slots 30)" in memory.summary()
@@ -139,7 +140,7 @@ def test_padding_counts_follow_the_rows_through_generate_with_beams():
     ids, mask = padded_batch(2, 20, seed=3, pad=7)
     memory = tokenmem.TokenMemory(model, "full")
     with torch.no_grad():
-        model.generate(ids, attention_mask=mask, past_key_values=memory, max_new_tokens=5, num_beams=3,
+        model.generate(ids, attention_mask=mask, **cache_kwargs(model, memory), max_new_tokens=5, num_beams=3,
                        do_sample=False)
     stats = memory.stats()
     assert memory.padding_seen.tolist() == [0, 0, 0, 7, 7, 7]
