@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
+from pathlib import Path
 
 # No GPU here or in CI: Triton kernels run in Triton's interpreter on CPU tensors.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -124,3 +126,12 @@ class Chooser(tokenmem.Evictor):
 
     def protect(self, view):
         return view.newest(1)
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,22 +1,15 @@
 """The memory bank's defaults are chosen on the evolve files only (benchmarks/bank_select.py, issue 19)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
+from conftest import load_benchmark
 from tokenmem.errors import TokenmemError
 from tokenmem.zoo.lm_tasks import SPLIT_SOURCE, TASK_DIR, load_records
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def select():
-    spec = importlib.util.spec_from_file_location("bank_select", ROOT / "benchmarks" / "bank_select.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bank_select")
 
 
 @pytest.mark.parametrize("source", ["eval", "thirdparty", str(TASK_DIR / "retrieval-eval.jsonl"),
@@ -75,10 +68,7 @@ def test_search_moves_one_option_at_a_time_and_keeps_the_current_value_on_ties(s
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("bank_report", ROOT / "benchmarks" / "bank.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bank")
 
 
 @pytest.mark.parametrize("split", ["select", "evolve"])

@@ -235,14 +235,11 @@ def test_rollout_cli_video(dt_dir, tmp_path, capsys):
 
 def test_decision_benchmark_runs_and_reports(dt_dir, tmp_path, capsys):
     """benchmarks/decision.py end to end on a tiny DT: every row, both speed settings, NAMM's kept tokens."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decision.py"
-    spec = importlib.util.spec_from_file_location("decision_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from conftest import load_benchmark
+
+    bench = load_benchmark("decision")
     out = tmp_path / "decision.json"
     assert bench.main(["--model", dt_dir, "--episodes", "2", "--batch", "2", "--max-steps", "30", "--budget", "12",
                        "--history", "8", "--speed-steps", "3", "--out", str(out),

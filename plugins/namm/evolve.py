@@ -73,7 +73,7 @@ import numpy as np
 import torch
 
 from tokenmem.errors import TokenmemError
-from tokenmem.files import load_pickle, seal
+from tokenmem.files import atomic_write, load_pickle, seal
 from tokenmem.memory import TokenMemory
 
 from .config import NAMMConfig
@@ -354,15 +354,6 @@ def make_strategy(x0: np.ndarray, settings: EvolveSettings):
         return cma.CMAEvolutionStrategy(np.asarray(x0, dtype=np.float64), settings.sigma, options)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def load_checkpoint(out_dir) -> dict:
     path = Path(out_dir) / CHECKPOINT
     _import_cma()  # unpickling the strategy imports cma: do it with its import-time warning silenced
@@ -529,7 +520,7 @@ def _evolve(tasks, out, settings, config, models, resume, callback, progress, di
                 state["numpy_rng"] = np.random.get_state()
                 state["torch_rng"] = torch.get_rng_state()
                 if out is not None:
-                    _atomic_write(out / CHECKPOINT, seal(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)))
+                    atomic_write(out / CHECKPOINT, seal(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)))
                     _write_log(out, state, fitness, settings, final=None)
                 if bar is not None:
                     bar.update(1)
@@ -578,7 +569,7 @@ def _write_log(out: Path, state: dict, fitness: Fitness, settings: EvolveSetting
         "failed_evaluations_rank0": fitness.failures,
         "final": final,
     }
-    _atomic_write(out / LOG, (json.dumps(log, indent=1) + "\n").encode())
+    atomic_write(out / LOG, (json.dumps(log, indent=1) + "\n").encode())
 
 
 # =============================================================================================
