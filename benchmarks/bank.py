@@ -211,15 +211,19 @@ def held_out_records(split: str, per_distance: int | None) -> list[dict]:
     if SPLIT_SOURCE.get(split) == "evolve":
         raise TokenmemError(f"the bank report runs on held-out sets only; {split!r} is drawn from the evolve files, "
                             f"on which benchmarks/bank_select.py chose the defaults: use {' or '.join(SPLITS)}")
-    records = RetrievalTask(split=split).records
-    if per_distance:
-        kept, counts = [], {}
-        for r in records:
-            counts[r["distance"]] = counts.get(r["distance"], 0) + 1
-            if counts[r["distance"]] <= per_distance:
-                kept.append(r)
-        records = kept
-    return records
+    return first_per_distance(RetrievalTask(split=split).records, per_distance)
+
+
+def first_per_distance(records: list[dict], per_distance: int | None) -> list[dict]:
+    """The first ``per_distance`` records of every distance, in file order (all of them when None or 0)."""
+    if not per_distance:
+        return records
+    kept, counts = [], {}
+    for r in records:
+        counts[r["distance"]] = counts.get(r["distance"], 0) + 1
+        if counts[r["distance"]] <= per_distance:
+            kept.append(r)
+    return kept
 
 
 def main(argv=None) -> int:

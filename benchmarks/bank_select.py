@@ -74,16 +74,7 @@ def selection_records(source: str = "select", per_distance: int | None = None) -
         raise TokenmemError(
             f"bank default selection must not read the {split!r} split (drawn from the {origin or 'unknown'} files): "
             f"defaults are chosen on the evolve files only; use --split select (or evolve)")
-    records = load_records("retrieval", split)
-    if per_distance:
-        counts: dict[int, int] = {}
-        kept = []
-        for r in records:
-            counts[r["distance"]] = counts.get(r["distance"], 0) + 1
-            if counts[r["distance"]] <= per_distance:
-                kept.append(r)
-        records = kept
-    return split, records
+    return split, _bank_benchmark().first_per_distance(load_records("retrieval", split), per_distance)
 
 
 def candidates(axis: str, current: dict) -> list[dict]:
