@@ -220,6 +220,10 @@ class Dist:
         if self.owned:
             import torch.distributed as dist
 
+            # Every rank reaches the destroy together: a rank that tears gloo down while its peer is still
+            # writing the final files can abort the peer's pending socket threads (CI saw a SIGABRT,
+            # "terminate called without an active exception", in rank 1 of the two-process test).
+            dist.barrier()
             dist.destroy_process_group()
             self.owned = False
 
