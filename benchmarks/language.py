@@ -260,7 +260,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="model directory (default: the shipped stdlib Llama)")
     add_evictors_argument(p)
     p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
-    p.add_argument("--scorer", default=None, help="NAMM scorer file (default: the shipped language scorer)")
+    p.add_argument("--scorer", default=None, help="NAMM scorer: a shipped name (default: language, the v2 scorer; "
+                                                  "language-v1), 'initial' or a scorer directory")
     p.add_argument("--quick", action="store_true", help="a few prompts per task (smoke test)")
     p.add_argument("--peers", action="store_true", help="kvpress presses instead of tokenmem evictors")
     p.add_argument("--presses", nargs="+", default=list(PRESSES))
@@ -307,7 +308,7 @@ def main(argv=None) -> int:
             if "namm" in args.evictors:
                 from tokenmem.plugins.namm import NAMM
 
-                scorer = NAMM.from_file(args.scorer) if args.scorer else NAMM.pretrained("language")
+                scorer = NAMM.load(args.scorer or "language")
             if "full" in args.evictors:
                 rows.append(run_evictor(model, tasks, "full", None, scorer))
                 print(json.dumps(rows[-1]), flush=True)

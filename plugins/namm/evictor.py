@@ -74,9 +74,10 @@ class NAMM(Evictor):
 
     @classmethod
     def pretrained(cls, name: str = "language") -> "NAMM":
-        """A scorer shipped with tokenmem: ``"language"``, evolved on the shipped standard-library model's
-        code-completion and retrieval tasks (``tokenmem/zoo/scorers/language``, with its evolution log),
-        and used unchanged on every modality. Looked up in :data:`SCORER_DIRS`."""
+        """A scorer shipped with tokenmem: ``"language"`` (v2), evolved on the shipped standard-library model's
+        code completion, retrieval and streaming perplexity (``tokenmem/zoo/scorers/language``, with its card and
+        evolution log) and used unchanged on every modality; ``"language-v1"`` is the first, shorter evolution,
+        kept for comparison. Looked up in :data:`SCORER_DIRS`."""
         for root in SCORER_DIRS:
             if (root / name / "scorer.json").exists():
                 return cls.from_file(root / name)
