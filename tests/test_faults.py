@@ -415,3 +415,36 @@ def test_sealed_files_load_with_plain_torch_and_pickle(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # atomic writes leave nothing behind
     with pytest.raises(TokenmemError):
         load_torch(tmp_path / "b.pkl")  # a pickle is not a torch checkpoint: named, not a torch stack trace
+
+
+def test_temporary_files_of_killed_writers_are_cleaned_up(tmp_path):
+    """A writer killed mid-write leaves ``.<name>.tmp<pid>``; the next write of the same file removes it once its
+    process is gone and it is old enough; a live writer's file, and a failed write's own file, are handled too."""
+    import os
+    import subprocess
+    import sys
+
+    from tokenmem.files import STALE_SECONDS, atomic_write
+
+    target = tmp_path / "a.pt"
+    code = "import os, pathlib, sys; pathlib.Path(sys.argv[1] + str(os.getpid())).write_bytes(b'half')"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / ".a.pt.tmp")], check=True)  # exits: pid is gone
+    (dead,) = tmp_path.glob(".a.pt.tmp*")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = tmp_path / f".a.pt.tmp{live.pid}"
+        alive.write_bytes(b"still writing")
+        old = dead.stat().st_mtime - 2 * STALE_SECONDS
+        for p in (dead, alive):
+            os.utime(p, (old, old))
+        save_torch({"w": 1}, target)
+        assert not dead.exists() and alive.exists()  # the dead writer's file went, the live one's stayed
+    finally:
+        live.kill()
+        live.wait()
+    with pytest.raises(TypeError):
+        atomic_write(target, "not bytes")  # the write fails after its temporary file was created
+    assert not (tmp_path / f".a.pt.tmp{os.getpid()}").exists()
+    assert load_torch(target) == {"w": 1}  # the old file is intact
+    observe("writer killed mid-write", "a .tmp<pid> file of a dead process beside a checkpoint",
+            "removed by the next write of that file (a live writer's temporary file is kept)")

@@ -29,14 +29,60 @@ _DIGEST = 32
 
 
 def atomic_write(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename).
+
+    The temporary file is ``.<name>.tmp<pid>`` beside the target; it is removed when the write fails, and a
+    temporary file that a killed writer left behind (its process is gone, and it is older than
+    :data:`STALE_SECONDS`) is removed by the next successful write of the same target."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    remove_stale_temporaries(path)
+
+
+STALE_SECONDS = 60.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_write` for ``path`` that a killed writer left behind: no
+    process with their pid runs here and they are older than :data:`STALE_SECONDS` (a writer on another host
+    of a shared file system keeps its file for that long). Returns what was removed."""
+    import glob
+    import time
+
+    path = Path(path)
+    prefix = f".{path.name}.tmp"
+    removed = []
+    for candidate in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = candidate.name[len(prefix) :]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        try:
+            if time.time() - candidate.stat().st_mtime < STALE_SECONDS:
+                continue
+            candidate.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(candidate)
+    return removed
 
 
 def seal(data: bytes) -> bytes:

@@ -269,7 +269,7 @@ class TokenMemory(Cache):
         if layer.pending != q:
             raise TokenmemError(
                 f"layer {layer_idx}: the attention call has {q} queries but the memory just received {layer.pending} "
-                "keys; the model must call past_key_values.update() right before attention"
+                "keys; the model must call the cache's update() (cache.update(...), the memory) right before attention"
             )
         n = layer.held
         chunk = self._call_meta(layer, q, mask2d, position_ids, query.device)
