@@ -37,6 +37,7 @@ from tokenmem.meta import MODALITIES, TokenMeta
 
 DEFAULT_CONTEXT = 20  # K of the DT paper's gym experiments
 DEFAULT_RETURN_SCALE = 1000.0
+STEP_TOKENS = 3  # tokens one rollout step appends: the previous action, the return-to-go, the state
 CONFIG_KEY = "tokenmem"  # DecisionTransformerConfig attribute holding env id, state statistics, K, scales
 
 
@@ -154,7 +155,14 @@ class DecisionAdapter:
     def memory(self, evictor="full", budget=None, interval: int | None = None, *, evict_timesteps: bool = False,
                **options) -> TokenMemory:
         """A TokenMemory for the model's GPT-2 encoder (preparing it: its attention becomes ``"tokenmem"``,
-        which gives sdpa's results on every other path). ``evict_timesteps`` evicts whole timesteps."""
+        which gives sdpa's results on every other path). ``evict_timesteps`` evicts whole timesteps.
+
+        Every rollout step is a call of :data:`STEP_TOKENS` tokens (action, return, state), so the memory treats
+        such calls as decode steps (``decode_span=3`` unless given): it evicts once ``interval`` new tokens have
+        accumulated, as a language model's decoding does, instead of after every step. Held tokens stay within
+        ``budget + interval - 1``; pass ``decode_span=1`` to evict after every step (held <= budget after each
+        step, 2-3x slower at long histories)."""
+        options.setdefault("decode_span", STEP_TOKENS)
         if evict_timesteps:
             if "evict_unit" not in inspect.signature(TokenMemory.__init__).parameters:
                 raise TokenmemError("evict_timesteps=True needs TokenMemory(evict_unit='segment'), which this "

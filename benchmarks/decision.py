@@ -6,18 +6,23 @@ Model: the shipped Hopper DT (``tokenmem/envs/models/hopper-medium-dt``, trained
 
 1. quality: D4RL-normalised score (mean ± std over ``--episodes`` seeds) of the reference loop (the
    official transformers example: last K steps re-encoded every step), the cached rollout with the full
-   history, and cached ``recent`` / ``sink`` / ``h2o`` / ``namm`` at the same ``--budget`` (60 tokens =
-   20 timesteps = the reference's K); NAMM uses ``--namm-scorer``: by default the shipped scorer evolved
-   on language (``NAMM.pretrained("language")``), unchanged; ``initial`` for the untrained initial scorer;
+   history, and every cached evictor (``--evictors``) at the same ``--budget`` (60 tokens = 20 timesteps =
+   the reference's K), with the tokens the memory holds (mean over steps, and the maximum): with the
+   adapter's default ``decode_span=3`` a step is a decode step and the memory evicts once ``interval`` new
+   tokens have accumulated, so it holds up to ``budget + interval - 1`` (``--decode-span 1``: evict after every
+   step, held <= budget). NAMM uses ``--namm-scorer``: by default the shipped scorer evolved on language
+   (``NAMM.pretrained("language")``), unchanged; ``initial`` for the untrained initial scorer;
 2. speed: model steps per second (policy time only, no physics; batch 1, random states) at steady state,
    for the reference re-encoding K steps vs the cache holding K steps, and the reference re-encoding
-   ``--history`` steps vs the cache holding ``--history`` steps (the issue's target: cached >= 5x there),
-   the cache both as ``recent`` (evicting one timestep per step) and full (no eviction);
+   ``--history`` steps vs the cache holding ``--history`` steps (the target: cached ``recent`` with eviction
+   >= 5x there), the cache as ``recent`` with ``decode_span=1`` (evicting one timestep per step) and with the
+   default ``decode_span=3``, and full (no eviction); once per ``--threads`` value (``--speed-only`` skips 1);
 3. a plot (``--plot``) of the token types (return / state / action) and ages (timesteps before the current
    one) NAMM keeps, over every eviction of its rollouts.
 
     python benchmarks/decision.py [--model PATH] [--episodes 10] [--budget 60] [--namm-scorer language|initial|DIR]
-                                  [--history 200] [--out results.json] [--plot namm_kept.png]
+                                  [--history 200] [--threads 1 2] [--decode-span 1] [--speed-only]
+                                  [--out results.json] [--plot namm_kept.png]
 """
 
 from __future__ import annotations
@@ -38,13 +43,14 @@ def quality(adapter, args, evictor, budget=None, label=None, record_kept=None) -
     from tokenmem.envs.rollout import rollout
     from tokenmem.envs import make_env
 
-    returns, lengths, scores, seconds = [], [], [], 0.0
+    returns, lengths, scores, seconds, held = [], [], [], 0.0, []
     for first in range(0, args.episodes, args.batch):
         seeds = list(range(args.seed + first, args.seed + min(args.episodes, first + args.batch)))
         if evictor == "reference":
             policy = ReferencePolicy(adapter)
         else:
-            policy = CachedPolicy(adapter, evictor, budget, args.interval)
+            span = {} if args.decode_span is None else {"decode_span": args.decode_span}
+            policy = _held(CachedPolicy(adapter, evictor, budget, args.interval, **span), held)
             if record_kept is not None:
                 policy = _recording(policy, record_kept)
         result = rollout(adapter, policy, [make_env(args.env) for _ in seeds], seeds, max_steps=args.max_steps)
@@ -55,10 +61,25 @@ def quality(adapter, args, evictor, budget=None, label=None, record_kept=None) -
     row = {"config": label or evictor, "budget": budget, "score_mean": float(np.mean(scores)),
            "score_std": float(np.std(scores)), "return_mean": float(np.mean(returns)),
            "length_mean": float(np.mean(lengths)), "env_steps_per_second": float(np.sum(lengths) / seconds),
+           "held_mean": float(np.mean(held)) if held else None, "held_max": max(held) if held else None,
            "returns": returns}
     print(f"  {row['config']:<28} score {row['score_mean']:6.1f} ± {row['score_std']:5.1f}   "
-          f"length {row['length_mean']:6.1f}", flush=True)
+          f"length {row['length_mean']:6.1f}" + (f"   held {row['held_mean']:.1f} (max {row['held_max']})"
+                                                  if held else ""), flush=True)
     return row
+
+
+def _held(policy, held: list):
+    """Wrap a CachedPolicy so that every step appends the tokens layer 0 holds (slots, every row alive or not)."""
+    act = policy.act
+
+    def act_and_count(*a, **k):
+        out = act(*a, **k)
+        held.append(int(policy.memory.layers[0].held))
+        return out
+
+    policy.act = act_and_count
+    return policy
 
 
 def _recording(policy, kept: dict):
@@ -90,8 +111,10 @@ def _recording(policy, kept: dict):
 
 def speed(adapter, plain_model, history: int, steps: int, seed: int) -> dict:
     """Steady-state policy steps/s: the reference re-encoding ``history`` steps vs the cache holding
-    ``history`` steps: ``recent`` at a budget of ``3 * history`` tokens (it evicts one timestep at every
-    step), and the full cache (no eviction; it grows from ``history`` to ``history + steps`` steps)."""
+    ``history`` steps: ``recent`` at a budget of ``3 * history`` tokens with ``decode_span=1`` (it evicts one
+    timestep at every step) and with the adapter's default ``decode_span=3`` (it evicts once ``interval`` new
+    tokens have accumulated), and the full cache (no eviction; it grows from ``history`` to ``history + steps``
+    steps)."""
     from tokenmem.adapters.decision import CachedPolicy, ReferencePolicy
 
     g = torch.Generator().manual_seed(seed)
@@ -99,8 +122,8 @@ def speed(adapter, plain_model, history: int, steps: int, seed: int) -> dict:
     alive = torch.ones(1, dtype=torch.bool)
     out = {"history": history}
     policies = (("reference", ReferencePolicy(adapter, context=history, model=plain_model)),
-                ("cached", CachedPolicy(adapter, "recent", budget=3 * history)),
-                ("cached_span", CachedPolicy(adapter, "recent", budget=3 * history, decode_span=3)),
+                ("cached", CachedPolicy(adapter, "recent", budget=3 * history, decode_span=1)),
+                ("cached_span", CachedPolicy(adapter, "recent", budget=3 * history)),  # the default: 3
                 ("cached_full", CachedPolicy(adapter, "full")))
     for name, policy in policies:
         policy.start(1)
@@ -160,12 +183,17 @@ def main(argv=None) -> int:
                    "(default: the shipped language-trained scorer)")
     p.add_argument("--history", type=int, default=200)
     p.add_argument("--speed-steps", type=int, default=50)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, nargs="+", default=[1],
+                   help="torch threads; several values repeat the speed table at each (quality runs at the first)")
+    p.add_argument("--decode-span", type=int, default=None,
+                   help="the quality rows' decode_span (default: the adapter's, 3 = one timestep counts as a decode "
+                        "step, eviction every interval; 1 = evict after every step)")
+    p.add_argument("--speed-only", action="store_true", help="skip the quality table")
     p.add_argument("--out", default=None, help="write the results as JSON")
     add_evictors_argument(p, exclude=("separator",))  # separators are text tokens: none in a trajectory
     p.add_argument("--plot", default=None, help="write the NAMM plot (PNG)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
 
     from transformers import DecisionTransformerModel
 
@@ -184,8 +212,8 @@ def main(argv=None) -> int:
 
     print(f"quality: {args.env}, {args.episodes} episodes from seed {args.seed}, budget {args.budget} tokens "
           f"(= {args.budget // 3} timesteps), reference K={adapter.context}", flush=True)
-    rows = [quality(adapter, args, "reference", label=f"reference (K={adapter.context})")]
-    for name in args.evictors:
+    rows = [] if args.speed_only else [quality(adapter, args, "reference", label=f"reference (K={adapter.context})")]
+    for name in [] if args.speed_only else args.evictors:
         if name == "full":
             rows.append(quality(adapter, args, "full", label="cached full history"))
         elif name == "namm":
@@ -194,25 +222,34 @@ def main(argv=None) -> int:
             rows.append(quality(adapter, args, name, args.budget, label=f"cached {name}"))
 
     print("speed (policy only, batch 1, steady state):", flush=True)
-    speeds = [speed(adapter, plain, adapter.context, args.speed_steps, args.seed),
-              speed(adapter, plain, args.history, args.speed_steps, args.seed)]
+    speeds = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f" torch threads: {threads}", flush=True)
+        for history in (adapter.context, args.history):
+            speeds.append(dict(speed(adapter, plain, history, args.speed_steps, args.seed), threads=threads))
+    torch.set_num_threads(args.threads[0])
 
     print()
-    print(f"| config | budget | normalised score | mean return | mean length |")
-    print(f"|---|---|---|---|---|")
+    if rows:
+        span = "the adapter's default, 3" if args.decode_span is None else args.decode_span
+        print(f"decode_span: {span}; held: tokens layer 0 holds per row, mean over steps (max)")
+        print(f"| config | budget | normalised score | mean return | mean length | held |")
+        print(f"|---|---|---|---|---|---|")
     for r in rows:
         budget = "all" if r["budget"] is None and not r["config"].startswith("reference") else (
             f"K={adapter.context}" if r["config"].startswith("reference") else r["budget"])
+        held = "-" if r["held_mean"] is None else f"{r['held_mean']:.1f} ({r['held_max']})"
         print(f"| {r['config']} | {budget} | {r['score_mean']:.1f} ± {r['score_std']:.1f} | {r['return_mean']:.1f} "
-              f"| {r['length_mean']:.1f} |")
+              f"| {r['length_mean']:.1f} | {held} |")
     print()
-    print(f"torch threads: {torch.get_num_threads()} (the same for every column)")
-    print("| history (timesteps) | reference steps/s | cached recent steps/s (evicts every step) | ratio "
-          "| cached recent, decode_span=3 (evicts every interval) | ratio | cached full steps/s (no eviction) "
-          "| ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("torch threads: the same for every column of a row")
+    print("| threads | history (timesteps) | reference steps/s | cached recent, decode_span=1 (evicts every step) "
+          "| ratio | cached recent, decode_span=3 (default: evicts every interval) | ratio "
+          "| cached full steps/s (no eviction) | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for s in speeds:
-        print(f"| {s['history']} | {s['reference']:.1f} | {s['cached']:.1f} | {s['speedup']:.2f}x "
+        print(f"| {s['threads']} | {s['history']} | {s['reference']:.1f} | {s['cached']:.1f} | {s['speedup']:.2f}x "
               f"| {s['cached_span']:.1f} | {s['speedup_span']:.2f}x | {s['cached_full']:.1f} | {s['speedup_full']:.2f}x |")
     kept_json = {"modality": dict(kept["modality"]), "age": {str(k): v for k, v in sorted(kept["age"].items())}}
     if args.plot:

@@ -122,18 +122,41 @@ def test_every_evictor_runs_within_budget(adapter, evictor):
     assert result.lengths.tolist() == [40, 40]
     assert memory.seen == 3 * 40 - 1
     held = [layer.held for layer in memory.layers]
+    assert memory.decode_span == 3  # the adapter's default: a rollout step is a decode step
     if budget is None:
         assert held == [memory.seen] * len(held)
-    else:
-        assert max(held) <= budget and memory.stats()["evictions"] > 0
+    else:  # evictions batch over `interval` new tokens: the decode bound
+        assert max(held) <= budget + memory.interval - 1 and memory.stats()["evictions"] > 0
     _check_metadata(memory)
+
+
+def test_rollout_steps_are_decode_steps(adapter):
+    """With the default decode_span=3 the memory evicts once `interval` tokens have accumulated (fewer evictions,
+    held <= budget + interval - 1 after every step); decode_span=1 evicts after every step (held <= budget)."""
+    seen_held = {}
+    for span in (None, 1):
+        options = {} if span is None else {"decode_span": span}
+        policy = CachedPolicy(adapter, "recent", 30, 12, **options)
+        act, held = policy.act, []
+
+        def act_and_check(*a, _act=act, _held=held, _policy=policy, **k):
+            out = _act(*a, **k)
+            _held.append(max(layer.held for layer in _policy.memory.layers))
+            return out
+
+        policy.act = act_and_check
+        result = rollout(adapter, policy, hoppers(1, terminate_when_unhealthy=False), [0], max_steps=40)
+        seen_held[span] = (held, result.memory.stats()["evictions"])
+    (spaced, spaced_evictions), (every, every_evictions) = seen_held[None], seen_held[1]
+    assert max(every) <= 30 and max(spaced) <= 30 + 12 - 1 and max(spaced) > 30
+    assert spaced_evictions < every_evictions
 
 
 def test_long_history_beyond_context(adapter):
     """The cache keeps more than K timesteps (here 30 of 60 with a 90-token budget; all 60 without one)."""
     envs = lambda: hoppers(1, terminate_when_unhealthy=False)  # noqa: E731
     full = rollout(adapter, CachedPolicy(adapter), envs(), [0], max_steps=60)
-    bounded = rollout(adapter, CachedPolicy(adapter, "recent", budget=90), envs(), [0], max_steps=60)
+    bounded = rollout(adapter, CachedPolicy(adapter, "recent", budget=90, decode_span=1), envs(), [0], max_steps=60)
     assert full.memory.layers[0].held == 3 * 60 - 1 > 3 * adapter.context
     meta = bounded.memory.layers[0].meta
     assert bounded.memory.layers[0].held == 90
@@ -146,7 +169,7 @@ def test_long_history_beyond_context(adapter):
 @pytest.mark.parametrize("evictor", ["recent", "h2o"])
 def test_evict_whole_timesteps(adapter, evictor):
     envs = hoppers(2, terminate_when_unhealthy=False)
-    result = rollout(adapter, CachedPolicy(adapter, evictor, budget=31, evict_timesteps=True), envs, [0, 1],
+    result = rollout(adapter, CachedPolicy(adapter, evictor, budget=31, evict_timesteps=True, decode_span=1), envs, [0, 1],
                      max_steps=30)
     assert result.memory.evict_unit == "segment"
     for layer in result.memory.layers:
@@ -243,7 +266,8 @@ def test_decision_benchmark_runs_and_reports(dt_dir, tmp_path, capsys):
     out = tmp_path / "decision.json"
     assert bench.main(["--model", dt_dir, "--episodes", "2", "--batch", "2", "--max-steps", "30", "--budget", "12",
                        "--history", "8", "--speed-steps", "3", "--out", str(out),
-                       "--evictors", "full", "recent", "sink", "h2o", "namm"]) == 0
+                       "--evictors", "full", "recent", "sink", "h2o", "namm",
+                       "--decode-span", "1"]) == 0  # evict after every step: NAMM's interval exceeds 30 steps
     result = json.loads(out.read_text())
     configs = [r["config"] for r in result["quality"]]
     assert configs == ["reference (K=20)", "cached full history", "cached recent", "cached sink", "cached h2o",
@@ -256,7 +280,9 @@ def test_decision_benchmark_runs_and_reports(dt_dir, tmp_path, capsys):
     kept = result["namm_kept"]["modality"]
     assert set(kept) <= {"return", "state", "action"} and sum(kept.values()) > 0  # NAMM evicted at budget 12
     table = capsys.readouterr().out
-    assert "| cached namm (language-trained scorer) | 12 |" in table
+    assert "| cached namm (language-trained scorer) | 12 |" in table and "decode_span: 1;" in table
+    for row in result["quality"][1:]:  # decode_span=1: held <= budget after every step
+        assert row["held_max"] <= (12 if row["budget"] else 3 * 30)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
