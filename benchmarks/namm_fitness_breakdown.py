@@ -1,0 +1,78 @@
+"""The NAMM v2 fitness task by task, for the shipped scorers and the training-free evictors.
+
+An analysis on the *evolve* split (the data the v2 scorer was chosen on), not a result: it shows where the
+evolution's fitness gain came from (which of the six tasks), next to the same numbers for ``language-v1`` and
+the training-free evictors, so that the held-out tables (``benchmarks/language.py``, ``tokenmem bench``) can be
+read against it. Every value is the fitness's per-task score: the mean over the task's 32 prompts of
+``exp(mean logp_memory - mean logp_full)`` (1.0 = the full cache), prompts streamed in 128-token chunks with
+eviction every 128 tokens, as during the evolution (:mod:`tokenmem.zoo.namm_fitness`).
+
+    python benchmarks/namm_fitness_breakdown.py [--evictors language language-v1 h2o recent keydiff]
+                                                [--quick] [--json out.json] [--out out.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--evictors", nargs="+", default=["language", "language-v1", "h2o", "recent", "keydiff"],
+                   help="shipped NAMM scorer names (language, language-v1), 'initial', or registered evictor names")
+    p.add_argument("--quick", action="store_true", help="4 prompts per task (smoke test)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from tokenmem.plugins.namm import NAMM
+    from tokenmem.plugins.namm.config import NAMMConfig
+    from tokenmem.plugins.namm.evolve import Fitness
+    from tokenmem.zoo import namm_fitness
+    from tokenmem.zoo.evolve_language import INTERVAL
+
+    torch.set_num_threads(args.threads)
+    tasks = namm_fitness.tasks(None, limit=4 if args.quick else None, batch_size=4)
+    fitness = Fitness(tasks, NAMMConfig(interval=INTERVAL), [t.model for t in tasks])
+    t0 = time.perf_counter()
+    fitness.compute_reference()
+    print(f"full-cache reference: {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    for name in args.evictors:
+        evictor = NAMM.load(name) if name in ("language", "language-v1", "initial") else name
+        t0 = time.perf_counter()
+        scores = {}
+        for task, model in zip(fitness.tasks, fitness.models):
+            outputs = task.run(model, fitness.memory_factory(task, model, evictor))
+            scores[task.name] = float(task.relative_score(outputs, fitness.reference[task.name]))
+        row = {"evictor": name, "scores": scores, "fitness": sum(scores.values()) / len(scores),
+               "seconds": time.perf_counter() - t0}
+        rows.append(row)
+        print(f"  {name:<12} fitness {row['fitness']:.4f}  " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items())
+              + f"  ({row['seconds']:.0f} s)", flush=True)
+    names = list(rows[0]["scores"]) if rows else []
+    lines = ["| evictor | fitness | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for row in rows:
+        lines.append(f"| {row['evictor']} | {row['fitness']:.3f} | "
+                     + " | ".join(f"{row['scores'][n]:.3f}" for n in names) + " |")
+    table = "\n".join(lines)
+    print()
+    print(f"NAMM v2 fitness by task (evolve split, {len(tasks[0].prompts)} prompts per task; 1.0 = full cache)")
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("NAMM v2 fitness by task (evolve split: the data the v2 scorer was chosen on; 1.0 = full cache)\n\n"
+                    + table + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "prompts_per_task": len(tasks[0].prompts)}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
