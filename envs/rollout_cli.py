@@ -25,6 +25,10 @@ def add_parser(sub, budget_type) -> None:
     p.add_argument("--budget", type=budget_type, default=None, help="tokens kept per layer and head (3 per timestep)")
     p.add_argument("--interval", type=int, default=None, help="new tokens between evictions (default: the evictor's)")
     p.add_argument("--evict-timesteps", action="store_true", help="evict whole timesteps (return, state, action)")
+    p.add_argument("--decode-span", type=int, default=None,
+                   help="calls of at most this many tokens count as decode steps (default 3: every rollout step, so "
+                        "the memory evicts once --interval tokens have accumulated and holds up to budget + interval "
+                        "- 1; 1: evict after every step, never above the budget)")
     p.add_argument("--namm-scorer", default=None, help="with --evictor namm: a scorer directory, a shipped name or "
                    "'initial' (default: the shipped language-trained scorer, 'language')")
     p.add_argument("--episodes", type=int, default=10)
@@ -53,6 +57,10 @@ def _policy(adapter, args):
         if evictor == "reference":
             raise TokenmemError("--evict-timesteps needs a cached rollout (an evictor), not the reference loop")
         options["evict_timesteps"] = True
+    if args.decode_span is not None:
+        if evictor == "reference":
+            raise TokenmemError("--decode-span needs a cached rollout (an evictor), not the reference loop")
+        options["decode_span"] = args.decode_span
     return make_policy(adapter, evictor, args.budget, args.interval, **options)
 
 
