@@ -56,6 +56,41 @@ def test_bad_options_fail_before_any_work():
         transfer.run(budgets=[0.25, 64])
 
 
+def test_missing_rl_packages_fail_before_any_modality_runs(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gymnasium" else real(name, *a))
+    ran = []
+    monkeypatch.setitem(transfer.RUNNERS, "language", lambda *a, **k: ran.append("language") or [])
+    with pytest.raises(TokenmemError, match=r"rl modality needs gymnasium.*tokenmem\[rl\]"):
+        transfer.run(modalities=["language", "rl"], evictors=["full"])
+    assert ran == []  # language (first) never started
+
+
+def test_reports_of_separate_modality_runs_merge(tmp_path):
+    from pathlib import Path
+
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "transfer" /
+                          "transfer.json").read_text())
+    parts = []
+    for modality in shipped["modalities"]:
+        part = dict(shipped, rows=[r for r in shipped["rows"] if r["modality"] == modality], modalities=[modality],
+                    seconds={modality: shipped["seconds"][modality]})
+        path = tmp_path / f"{modality}.json"
+        path.write_text(json.dumps(part))
+        parts.append(str(path))
+    assert transfer.main(["--from-json", *parts, "--out", str(tmp_path / "merged"), "--no-plots"]) == 0
+    merged = json.loads((tmp_path / "merged" / "transfer.json").read_text())
+    assert merged["rows"] == shipped["rows"] and merged["modalities"] == shipped["modalities"]
+    assert merged["seconds"] == shipped["seconds"]
+    with pytest.raises(TokenmemError, match="repeat a modality"):
+        transfer.merge_reports([json.loads(Path(parts[0]).read_text())] * 2)
+    other = dict(json.loads(Path(parts[1]).read_text()), scorer="initial")
+    with pytest.raises(TokenmemError, match="different scorer"):
+        transfer.merge_reports([json.loads(Path(parts[0]).read_text()), other])
+
+
 def test_separator_runs_only_where_separators_exist():
     assert ("separator", 0.25) in transfer.configs("language", transfer.EVICTORS, (0.25,))
     assert all(name != "separator" for name, _ in transfer.configs("video", transfer.EVICTORS, (0.25,)))

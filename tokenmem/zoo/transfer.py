@@ -28,6 +28,7 @@ table, the claims checked on the rows, and the plots.
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import time
@@ -251,6 +252,7 @@ def run(modalities=MODALITIES, evictors=None, budgets=BUDGETS, size: str = "full
         raise TokenmemError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
     if any(not 0 < b < 1 for b in budgets):
         raise TokenmemError(f"budgets are fractions of the tokens seen in (0, 1), got {list(budgets)}")
+    check_requirements(modalities)  # before any work: a missing package must not cost the modalities before it
     if threads:
         torch.set_num_threads(threads)
     namm = NAMM.load(scorer) if "namm" in evictors else None
@@ -275,6 +277,40 @@ def run(modalities=MODALITIES, evictors=None, budgets=BUDGETS, size: str = "full
                         "python": platform.python_version(), "torch": torch.__version__,
                         "transformers": _version("transformers")},
             "date": time.strftime("%Y-%m-%d")}
+
+
+def check_requirements(modalities) -> None:
+    """Raise a :class:`TokenmemError` naming what to install when a requested modality cannot run here."""
+    if "rl" in modalities:
+        import importlib.util
+
+        missing = [m for m in ("gymnasium", "mujoco") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise TokenmemError(f"the rl modality needs {' and '.join(missing)}, which is not installed: "
+                                "pip install 'tokenmem[rl]' (or leave rl out: --modalities language video)")
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from several runs of different modalities (e.g. run side by side as separate processes):
+    rows and per-modality seconds are joined; settings (size, evictors, budgets, scorer) must agree."""
+    if not reports:
+        raise TokenmemError("no reports to merge")
+    first = reports[0]
+    for key in ("size", "scorer", "budgets"):
+        values = {json.dumps(r.get(key)) for r in reports}
+        if len(values) > 1:
+            raise TokenmemError(f"cannot merge transfer reports with different {key}: {sorted(values)}")
+    modalities = [m for r in reports for m in r["modalities"]]
+    if len(set(modalities)) != len(modalities):
+        raise TokenmemError(f"the reports repeat a modality ({modalities}); merge runs of different modalities")
+    merged = dict(first)
+    merged["rows"] = [row for r in reports for row in r["rows"]]
+    merged["modalities"] = modalities
+    merged["evictors"] = list(dict.fromkeys(e for r in reports for e in r["evictors"]))
+    merged["seconds"] = {m: v for r in reports for m, v in r["seconds"].items()}
+    merged["total_seconds"] = round(sum(r["total_seconds"] for r in reports), 1)
+    merged["date"] = max(r["date"] for r in reports)
+    return merged
 
 
 def _cpus() -> int:
@@ -308,8 +344,9 @@ def add_arguments(p) -> None:
                         "whenever another process takes its core)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     p.add_argument("--readme", default=None, help="also rewrite the transfer section of this README")
-    p.add_argument("--from-json", default=None, metavar="PATH",
-                   help="run nothing: rewrite the report, plots (and --readme) from an earlier transfer.json")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="PATH",
+                   help="run nothing: rewrite the report, plots (and --readme) from an earlier transfer.json (several: "
+                        "runs of different modalities, merged)")
 
 
 def main_from_args(args, command: str) -> int:
@@ -320,10 +357,12 @@ def main_from_args(args, command: str) -> int:
     if args.from_json:
         import json
 
-        source = Path(args.from_json)
-        if not source.is_file():
-            raise TokenmemError(f"--from-json {source}: no such file; give the transfer.json of an earlier run")
-        report = json.loads(source.read_text(encoding="utf-8"))
+        reports = []
+        for source in map(Path, args.from_json):
+            if not source.is_file():
+                raise TokenmemError(f"--from-json {source}: no such file; give the transfer.json of an earlier run")
+            reports.append(json.loads(source.read_text(encoding="utf-8")))
+        report = merge_reports(reports)
         command = report.get("command") or command
     else:
         report = run(args.modalities, args.evictors, args.budgets, args.size, args.scorer, args.threads)
