@@ -57,13 +57,19 @@ def test_bad_options_fail_before_any_work():
 
 
 def test_missing_rl_packages_fail_before_any_modality_runs(monkeypatch):
-    import importlib.util
+    import importlib
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gymnasium" else real(name, *a))
+    real = importlib.import_module
+
+    def without_imageio(name, *a):
+        if name.startswith("gymnasium"):  # gymnasium installed without its mujoco extra's imageio
+            raise ModuleNotFoundError("No module named 'imageio'", name="imageio")
+        return real(name, *a)
+
+    monkeypatch.setattr(importlib, "import_module", without_imageio)
     ran = []
     monkeypatch.setitem(transfer.RUNNERS, "language", lambda *a, **k: ran.append("language") or [])
-    with pytest.raises(TokenmemError, match=r"rl modality needs gymnasium.*tokenmem\[rl\]"):
+    with pytest.raises(TokenmemError, match=r"rl modality needs gymnasium.*imageio.*tokenmem\[rl\]"):
         transfer.run(modalities=["language", "rl"], evictors=["full"])
     assert ran == []  # language (first) never started
 

@@ -282,12 +282,14 @@ def run(modalities=MODALITIES, evictors=None, budgets=BUDGETS, size: str = "full
 def check_requirements(modalities) -> None:
     """Raise a :class:`TokenmemError` naming what to install when a requested modality cannot run here."""
     if "rl" in modalities:
-        import importlib.util
+        import importlib
 
-        missing = [m for m in ("gymnasium", "mujoco") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise TokenmemError(f"the rl modality needs {' and '.join(missing)}, which is not installed: "
-                                "pip install 'tokenmem[rl]' (or leave rl out: --modalities language video)")
+        try:  # what make_env imports: gymnasium's MuJoCo environments (mujoco, imageio, ...)
+            importlib.import_module("gymnasium.envs.mujoco")
+        except ImportError as exc:
+            raise TokenmemError(f"the rl modality needs gymnasium's MuJoCo environments, which do not import here "
+                                f"({exc}): pip install 'tokenmem[rl]' (or leave rl out: --modalities language "
+                                "video)") from exc
 
 
 def merge_reports(reports: list[dict]) -> dict:
