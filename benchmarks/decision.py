@@ -8,15 +8,15 @@ Model: the shipped Hopper DT (``tokenmem/envs/models/hopper-medium-dt``, trained
    official transformers example: last K steps re-encoded every step), the cached rollout with the full
    history, and every cached evictor (``--evictors``) at the same ``--budget`` (60 tokens = 20 timesteps =
    the reference's K), with the tokens the memory holds (mean over steps, and the maximum): with the
-   adapter's default ``decode_span=3`` a step is a decode step and the memory evicts once ``interval`` new
-   tokens have accumulated, so it holds up to ``budget + interval - 1`` (``--decode-span 1``: evict after every
-   step, held <= budget). NAMM uses ``--namm-scorer``: by default the shipped scorer evolved on language
+   adapter's default ``decode_span=1`` the memory evicts after every step (held <= budget); with
+   ``--decode-span 3`` a step is a decode step and the memory evicts once ``interval`` new tokens have
+   accumulated, so it holds up to ``budget + interval - 1``. NAMM uses ``--namm-scorer``: by default the shipped scorer evolved on language
    (``NAMM.pretrained("language")``), unchanged; ``initial`` for the untrained initial scorer;
 2. speed: model steps per second (policy time only, no physics; batch 1, random states) at steady state,
    for the reference re-encoding K steps vs the cache holding K steps, and the reference re-encoding
    ``--history`` steps vs the cache holding ``--history`` steps (the target: cached ``recent`` with eviction
-   >= 5x there), the cache as ``recent`` with ``decode_span=1`` (evicting one timestep per step) and with the
-   default ``decode_span=3``, and full (no eviction); once per ``--threads`` value (``--speed-only`` skips 1);
+   >= 5x there), the cache as ``recent`` with the default ``decode_span=1`` (evicting one timestep per step) and
+   with ``decode_span=3``, and full (no eviction); once per ``--threads`` value (``--speed-only`` skips 1);
 3. a plot (``--plot``) of the token types (return / state / action) and ages (timesteps before the current
    one) NAMM keeps, over every eviction of its rollouts.
 
@@ -111,9 +111,9 @@ def _recording(policy, kept: dict):
 
 def speed(adapter, plain_model, history: int, steps: int, seed: int) -> dict:
     """Steady-state policy steps/s: the reference re-encoding ``history`` steps vs the cache holding
-    ``history`` steps: ``recent`` at a budget of ``3 * history`` tokens with ``decode_span=1`` (it evicts one
-    timestep at every step) and with the adapter's default ``decode_span=3`` (it evicts once ``interval`` new
-    tokens have accumulated), and the full cache (no eviction; it grows from ``history`` to ``history + steps``
+    ``history`` steps: ``recent`` at a budget of ``3 * history`` tokens with the adapter's default ``decode_span=1``
+    (it evicts one timestep at every step) and with ``decode_span=3`` (it evicts once ``interval`` new tokens
+    have accumulated), and the full cache (no eviction; it grows from ``history`` to ``history + steps``
     steps)."""
     from tokenmem.adapters.decision import CachedPolicy, ReferencePolicy
 
@@ -122,8 +122,8 @@ def speed(adapter, plain_model, history: int, steps: int, seed: int) -> dict:
     alive = torch.ones(1, dtype=torch.bool)
     out = {"history": history}
     policies = (("reference", ReferencePolicy(adapter, context=history, model=plain_model)),
-                ("cached", CachedPolicy(adapter, "recent", budget=3 * history, decode_span=1)),
-                ("cached_span", CachedPolicy(adapter, "recent", budget=3 * history)),  # the default: 3
+                ("cached", CachedPolicy(adapter, "recent", budget=3 * history)),  # the default: decode_span=1
+                ("cached_span", CachedPolicy(adapter, "recent", budget=3 * history, decode_span=3)),
                 ("cached_full", CachedPolicy(adapter, "full")))
     for name, policy in policies:
         policy.start(1)
@@ -186,8 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1],
                    help="torch threads; several values repeat the speed table at each (quality runs at the first)")
     p.add_argument("--decode-span", type=int, default=None,
-                   help="the quality rows' decode_span (default: the adapter's, 3 = one timestep counts as a decode "
-                        "step, eviction every interval; 1 = evict after every step)")
+                   help="the quality rows' decode_span (default: the adapter's, 1 = evict after every step; 3 = one "
+                        "timestep counts as a decode step, eviction every interval)")
     p.add_argument("--speed-only", action="store_true", help="skip the quality table")
     p.add_argument("--out", default=None, help="write the results as JSON")
     add_evictors_argument(p, exclude=("separator",))  # separators are text tokens: none in a trajectory
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
 
     print()
     if rows:
-        span = "the adapter's default, 3" if args.decode_span is None else args.decode_span
+        span = "the adapter's default, 1" if args.decode_span is None else args.decode_span
         print(f"decode_span: {span}; held: tokens layer 0 holds per row, mean over steps (max)")
         print(f"| config | budget | normalised score | mean return | mean length | held |")
         print(f"|---|---|---|---|---|---|")
@@ -244,8 +244,8 @@ def main(argv=None) -> int:
               f"| {r['length_mean']:.1f} | {held} |")
     print()
     print("torch threads: the same for every column of a row")
-    print("| threads | history (timesteps) | reference steps/s | cached recent, decode_span=1 (evicts every step) "
-          "| ratio | cached recent, decode_span=3 (default: evicts every interval) | ratio "
+    print("| threads | history (timesteps) | reference steps/s | cached recent, decode_span=1 (default: evicts every "
+          "step) | ratio | cached recent, decode_span=3 (evicts every interval) | ratio "
           "| cached full steps/s (no eviction) | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for s in speeds:

@@ -122,19 +122,19 @@ def test_every_evictor_runs_within_budget(adapter, evictor):
     assert result.lengths.tolist() == [40, 40]
     assert memory.seen == 3 * 40 - 1
     held = [layer.held for layer in memory.layers]
-    assert memory.decode_span == 3  # the adapter's default: a rollout step is a decode step
+    assert memory.decode_span == 1  # the adapter's default: evict after every step
     if budget is None:
         assert held == [memory.seen] * len(held)
-    else:  # evictions batch over `interval` new tokens: the decode bound
-        assert max(held) <= budget + memory.interval - 1 and memory.stats()["evictions"] > 0
+    else:
+        assert max(held) <= budget and memory.stats()["evictions"] > 0
     _check_metadata(memory)
 
 
 def test_rollout_steps_are_decode_steps(adapter):
-    """With the default decode_span=3 the memory evicts once `interval` tokens have accumulated (fewer evictions,
-    held <= budget + interval - 1 after every step); decode_span=1 evicts after every step (held <= budget)."""
+    """With decode_span=3 the memory evicts once `interval` tokens have accumulated (fewer evictions, held <=
+    budget + interval - 1 after every step); the default (decode_span=1) evicts after every step (held <= budget)."""
     seen_held = {}
-    for span in (None, 1):
+    for span in (3, None):
         options = {} if span is None else {"decode_span": span}
         policy = CachedPolicy(adapter, "recent", 30, 12, **options)
         act, held = policy.act, []
@@ -147,7 +147,7 @@ def test_rollout_steps_are_decode_steps(adapter):
         policy.act = act_and_check
         result = rollout(adapter, policy, hoppers(1, terminate_when_unhealthy=False), [0], max_steps=40)
         seen_held[span] = (held, result.memory.stats()["evictions"])
-    (spaced, spaced_evictions), (every, every_evictions) = seen_held[None], seen_held[1]
+    (spaced, spaced_evictions), (every, every_evictions) = seen_held[3], seen_held[None]
     assert max(every) <= 30 and max(spaced) <= 30 + 12 - 1 and max(spaced) > 30
     assert spaced_evictions < every_evictions
 
