@@ -37,7 +37,6 @@ from tokenmem.meta import MODALITIES, TokenMeta
 
 DEFAULT_CONTEXT = 20  # K of the DT paper's gym experiments
 DEFAULT_RETURN_SCALE = 1000.0
-STEP_TOKENS = 3  # tokens one rollout step appends: the previous action, the return-to-go, the state
 CONFIG_KEY = "tokenmem"  # DecisionTransformerConfig attribute holding env id, state statistics, K, scales
 
 
@@ -157,8 +156,8 @@ class DecisionAdapter:
         """A TokenMemory for the model's GPT-2 encoder (preparing it: its attention becomes ``"tokenmem"``,
         which gives sdpa's results on every other path). ``evict_timesteps`` evicts whole timesteps.
 
-        Every rollout step is a call of :data:`STEP_TOKENS` tokens (action, return, state). By default the memory
-        evicts after every step (held <= budget). ``decode_span=3`` (``STEP_TOKENS``) makes such calls count as
+        Every rollout step is a call of 3 tokens (action, return, state). By default the memory
+        evicts after every step (held <= budget). ``decode_span=3`` makes such calls count as
         decode steps: the memory evicts once ``interval`` new tokens have accumulated (held <= budget + interval - 1),
         which makes long-history rollouts faster (``benchmarks/decision.py``: 10.8x the reference at a 200-step
         history instead of 6.2x, one thread) but, measured on Hopper over 10 seeds, lowers most evictors' scores

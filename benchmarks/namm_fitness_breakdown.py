@@ -21,7 +21,8 @@ import time
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--evictors", nargs="+", default=["language", "language-v1", "h2o", "recent", "keydiff"],
-                   help="shipped NAMM scorer names (language, language-v1), 'initial', or registered evictor names")
+                   help="registered evictor names, or NAMM scorers: a shipped name (language, language-v1), "
+                        "'initial' or a scorer directory")
     p.add_argument("--quick", action="store_true", help="4 prompts per task (smoke test)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
@@ -32,6 +33,7 @@ def main(argv=None) -> int:
 
     from tokenmem.plugins.namm import NAMM
     from tokenmem.plugins.namm.config import NAMMConfig
+    from tokenmem.evictor_list import registered
     from tokenmem.plugins.namm.evolve import Fitness
     from tokenmem.zoo import namm_fitness
     from tokenmem.zoo.evolve_language import INTERVAL
@@ -44,12 +46,9 @@ def main(argv=None) -> int:
     print(f"full-cache reference: {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
     for name in args.evictors:
-        evictor = NAMM.load(name) if name in ("language", "language-v1", "initial") else name
+        evictor = name if name in registered() else NAMM.load(name)
         t0 = time.perf_counter()
-        scores = {}
-        for task, model in zip(fitness.tasks, fitness.models):
-            outputs = task.run(model, fitness.memory_factory(task, model, evictor))
-            scores[task.name] = float(task.relative_score(outputs, fitness.reference[task.name]))
+        scores = fitness.evictor_scores(evictor)
         row = {"evictor": name, "scores": scores, "fitness": sum(scores.values()) / len(scores),
                "seconds": time.perf_counter() - t0}
         rows.append(row)

@@ -130,7 +130,7 @@ def test_every_evictor_runs_within_budget(adapter, evictor):
     _check_metadata(memory)
 
 
-def test_rollout_steps_are_decode_steps(adapter):
+def test_decode_span_3_batches_rollout_evictions(adapter):
     """With decode_span=3 the memory evicts once `interval` tokens have accumulated (fewer evictions, held <=
     budget + interval - 1 after every step); the default (decode_span=1) evicts after every step (held <= budget)."""
     seen_held = {}
@@ -156,7 +156,7 @@ def test_long_history_beyond_context(adapter):
     """The cache keeps more than K timesteps (here 30 of 60 with a 90-token budget; all 60 without one)."""
     envs = lambda: hoppers(1, terminate_when_unhealthy=False)  # noqa: E731
     full = rollout(adapter, CachedPolicy(adapter), envs(), [0], max_steps=60)
-    bounded = rollout(adapter, CachedPolicy(adapter, "recent", budget=90, decode_span=1), envs(), [0], max_steps=60)
+    bounded = rollout(adapter, CachedPolicy(adapter, "recent", budget=90), envs(), [0], max_steps=60)
     assert full.memory.layers[0].held == 3 * 60 - 1 > 3 * adapter.context
     meta = bounded.memory.layers[0].meta
     assert bounded.memory.layers[0].held == 90
@@ -169,7 +169,7 @@ def test_long_history_beyond_context(adapter):
 @pytest.mark.parametrize("evictor", ["recent", "h2o"])
 def test_evict_whole_timesteps(adapter, evictor):
     envs = hoppers(2, terminate_when_unhealthy=False)
-    result = rollout(adapter, CachedPolicy(adapter, evictor, budget=31, evict_timesteps=True, decode_span=1), envs, [0, 1],
+    result = rollout(adapter, CachedPolicy(adapter, evictor, budget=31, evict_timesteps=True), envs, [0, 1],
                      max_steps=30)
     assert result.memory.evict_unit == "segment"
     for layer in result.memory.layers:

@@ -170,12 +170,15 @@ class Fitness:
 
     def scores(self, vector) -> dict[str, float]:
         """Per-task ratio score(NAMM) / score(full)."""
+        return self.evictor_scores(self.namm(vector))
+
+    def evictor_scores(self, evictor) -> dict[str, float]:
+        """Per-task ratio score(memory) / score(full) of any evictor (a name or an Evictor) on these tasks."""
         if self.reference is None:
             self.compute_reference()
-        namm = self.namm(vector)
         out = {}
         for task, model in zip(self.tasks, self.models):
-            outputs = task.run(model, self.memory_factory(task, model, namm))
+            outputs = task.run(model, self.memory_factory(task, model, evictor))
             if hasattr(task, "relative_score"):
                 out[task.name] = float(task.relative_score(outputs, self.reference[task.name]))
             else:

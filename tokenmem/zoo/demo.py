@@ -218,8 +218,7 @@ def hopper(model_path: str | None = None, budget: int = 60, seed: int = 0, max_s
     print("|---|---|---|---|---|---|")
     rows = []
     for label, evictor, b in (("full history", "full", None), ("namm (language scorer)", NAMM.pretrained("language"), budget)):
-        # decode_span=1 (the default, explicit here): the memory never holds more than its 60 tokens
-        result = rollout(adapter, CachedPolicy(adapter, evictor, b, decode_span=1), [make_env(adapter.env_id)], [seed],
+        result = rollout(adapter, CachedPolicy(adapter, evictor, b), [make_env(adapter.env_id)], [seed],
                          max_steps=max_steps)
         meta = result.memory.layers[0].meta
         valid = meta.valid[0, 0]

@@ -205,9 +205,7 @@ def run_rl(evictors, budgets, size: dict, scorer, progress, model_path=None, see
         scores, lengths, held, seconds = [], [], [], 0.0
         kinds = {"return": 0, "state": 0, "action": 0}
         for episode in range(size["episodes"]):  # one at a time: a batch would keep finished rows' tokens
-            # decode_span=1 (the adapter's default, explicit here): every memory is at most its budget after each
-            # step, equal KV across evictors whatever their interval
-            result = rollout(adapter, CachedPolicy(adapter, _evictor(name, scorer), budget, decode_span=1),
+            result = rollout(adapter, CachedPolicy(adapter, _evictor(name, scorer), budget),
                              [make_env(adapter.env_id)], [seed + episode], max_steps=size["max_steps"])
             scores.append(float(result.scores[0]))
             lengths.append(int(result.lengths[0]))
