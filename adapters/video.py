@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -74,8 +74,10 @@ class VideoInputs:
     attention_mask: torch.Tensor  # [b, q]
     pixel_values_videos: torch.Tensor  # [b, frames, 3, H, W]
     meta: TokenMeta  # fields [b, q]
-    frames: int
-    tokens_per_frame: int
+    frames: int  # segments of the video: frames (LLaVA), temporal patches (Qwen2-VL)
+    tokens_per_frame: int  # language-model tokens per segment
+    extra: dict = field(default_factory=dict)  # more model inputs (Qwen2-VL: video_grid_thw, mm_token_type_ids)
+    frames_per_segment: int = 1  # video frames per segment (2: a Qwen2-VL temporal patch)
 
 
 @dataclass
@@ -109,7 +111,7 @@ class VideoQA(Adapter):
                  protect_question: bool = True, frames: int = 32, fps: float | None = None, reader: str = "auto",
                  prefill_chunk: int | None = None, dtype: torch.dtype | str = torch.float32, **evictor_options):
         if isinstance(model, (str, os.PathLike)):
-            model, tokenizer, preprocessor, chat_template = load_llava_next_video(os.fspath(model), dtype=dtype)
+            model, tokenizer, preprocessor, chat_template = self.load_model(os.fspath(model), dtype=dtype)
         elif tokenizer is None or preprocessor is None:
             raise TokenmemError("give tokenizer= and preprocessor= with a loaded model (or pass a model directory)")
         if evict_unit not in EVICT_UNITS:
@@ -124,12 +126,18 @@ class VideoQA(Adapter):
         prepare_tokenizer(tokenizer)
         self.video_token_id = int(model.config.video_token_id)
         self.video_token = tokenizer.convert_ids_to_tokens(self.video_token_id)
-        self.tokens_per_frame = video_token_count(model.config, preprocessor.crop)
+        self.tokens_per_frame = self._tokens_per_frame()
         self.protect_question = protect_question
         self.sampling = dict(num_frames=frames, fps=fps, reader=reader)
         self.prefill_chunk = prefill_chunk
         self.separators  # computed now, not at the first question
         self.memory()  # validates the options now (and prepares the language model) rather than at the first ask
+
+    load_model = staticmethod(load_llava_next_video)  # (path, dtype=) -> model, tokenizer, preprocessor, template
+
+    def _tokens_per_frame(self) -> int | None:
+        """Language-model tokens per frame (None when they depend on the video's size)."""
+        return video_token_count(self.model.config, self.preprocessor.crop)
 
     # -- inputs ------------------------------------------------------------------------------------
     def load(self, video) -> Clip:
@@ -215,7 +223,8 @@ class VideoQA(Adapter):
         new = out[:, prompt.length:]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [Answer(text=texts[r], tokens=new[r], memory=memory, clip=clips[r],
-                       report=FrameReport.from_memory(memory, r, inputs.frames, inputs.tokens_per_frame))
+                       report=FrameReport.from_memory(memory, r, inputs.frames, inputs.tokens_per_frame,
+                                                     inputs.frames_per_segment))
                 for r in range(len(clips))]
 
     def prompt_of(self, inputs: VideoInputs) -> Prompt:

@@ -86,30 +86,45 @@ class FramePreprocessor:
             video = self._resize(video, self.output_size(*video.shape[-2:]))
         if c["do_center_crop"]:
             video = _center_crop(video, c["crop_size"]["height"], c["crop_size"]["width"])
-        factor = c["rescale_factor"]
-        if c["do_normalize"]:
-            mean = torch.tensor(c["image_mean"], device=video.device)
-            std = torch.tensor(c["image_std"], device=video.device)
-            if c["do_rescale"]:  # fused, as BaseVideoProcessor.rescale_and_normalize
-                mean, std = mean * (1.0 / factor), std * (1.0 / factor)
-            return video.to(torch.float32).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
-        return video.to(torch.float32) * factor if c["do_rescale"] else video.to(torch.float32)
+        return rescale_and_normalize(video, c)
 
     def _resize(self, video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """torchvision's ``resize_image``: uint8 is interpolated natively on CPU (bicubic, and bilinear with
-        AVX2/AVX512/arm), otherwise in float32 then clamped and rounded back to uint8."""
-        if tuple(video.shape[-2:]) == tuple(size):
-            return video
-        mode = _MODES[self.config["resample"]]
-        native = video.device.type == "cpu" and (
-            mode == "bicubic" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-            or platform.machine() in ("aarch64", "arm64"))
-        if native:
-            return F.interpolate(video, size=list(size), mode=mode, align_corners=False, antialias=True)
-        out = F.interpolate(video.to(torch.float32), size=list(size), mode=mode, align_corners=False, antialias=True)
-        if mode == "bicubic":
-            out = out.clamp_(0, 255)
-        return out.round_().to(torch.uint8)
+        return resize_frames(video, size, self.config["resample"])
+
+
+def rescale_and_normalize(video: torch.Tensor, c: dict) -> torch.Tensor:
+    """uint8 frames ``[T, 3, H, W]`` -> float32, rescaled and normalised with the config's ``do_rescale``,
+    ``rescale_factor``, ``do_normalize``, ``image_mean``, ``image_std`` (fused as
+    ``BaseVideoProcessor.rescale_and_normalize``: ``(x - mean / factor) / (std / factor)``)."""
+    factor = c["rescale_factor"]
+    if c["do_normalize"]:
+        mean = torch.tensor(c["image_mean"], device=video.device)
+        std = torch.tensor(c["image_std"], device=video.device)
+        if c["do_rescale"]:
+            mean, std = mean * (1.0 / factor), std * (1.0 / factor)
+        return video.to(torch.float32).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+    return video.to(torch.float32) * factor if c["do_rescale"] else video.to(torch.float32)
+
+
+def resize_frames(video: torch.Tensor, size: tuple[int, int], resample: int) -> torch.Tensor:
+    """torchvision's ``resize_image`` on uint8 frames ``[..., H, W]`` (``resample``: PIL code, 3 bicubic or 2
+    bilinear, with antialiasing): uint8 is interpolated natively on CPU (bicubic, and bilinear with
+    AVX2/AVX512/arm), otherwise in float32 then clamped and rounded back to uint8."""
+    if tuple(video.shape[-2:]) == tuple(size):
+        return video
+    if resample not in _MODES:
+        raise TokenmemError(f"video preprocessor resample={resample!r} is not supported; use 3 (bicubic) or 2 "
+                            "(bilinear)")
+    mode = _MODES[resample]
+    native = video.device.type == "cpu" and (
+        mode == "bicubic" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        or platform.machine() in ("aarch64", "arm64"))
+    if native:
+        return F.interpolate(video, size=list(size), mode=mode, align_corners=False, antialias=True)
+    out = F.interpolate(video.to(torch.float32), size=list(size), mode=mode, align_corners=False, antialias=True)
+    if mode == "bicubic":
+        out = out.clamp_(0, 255)
+    return out.round_().to(torch.uint8)
 
 
 def _center_crop(video: torch.Tensor, crop_h: int, crop_w: int) -> torch.Tensor:

@@ -24,9 +24,11 @@ class FrameReport:
     text: torch.Tensor  # [layers, kv_heads] int64
     other: torch.Tensor  # [layers, kv_heads] int64
     tokens_per_frame: int
+    frames_per_column: int = 1  # video frames per column: 1, or 2 for Qwen2-VL's temporal patches
 
     @classmethod
-    def from_memory(cls, memory, row: int, frames: int, tokens_per_frame: int) -> "FrameReport":
+    def from_memory(cls, memory, row: int, frames: int, tokens_per_frame: int,
+                    frames_per_column: int = 1) -> "FrameReport":
         kept, text, other = [], [], []
         for layer in memory.layers:
             meta = layer.meta  # fields [b, h, held]
@@ -41,7 +43,7 @@ class FrameReport:
             kept.append(counts[:, :frames].cpu())
             text.append((valid & (meta.modality[row] == MODALITIES["text"])).sum(-1).cpu())
             other.append((~valid).sum(-1).cpu())
-        return cls(torch.stack(kept), torch.stack(text), torch.stack(other), tokens_per_frame)
+        return cls(torch.stack(kept), torch.stack(text), torch.stack(other), tokens_per_frame, frames_per_column)
 
     @property
     def frames(self) -> int:
@@ -51,6 +53,10 @@ class FrameReport:
     def held(self) -> torch.Tensor:
         """``[layers, kv_heads]`` slots held (what ``memory.stats()["held_slots"]`` reports per layer)."""
         return self.kept.sum(-1) + self.text + self.other
+
+    def columns_of(self, frames) -> list[int]:
+        """The columns holding the given video frames (a Qwen2-VL temporal patch holds frames 2t and 2t + 1)."""
+        return sorted({int(f) // self.frames_per_column for f in frames})
 
     def fraction(self) -> torch.Tensor:
         """``[layers, frames]``: share of each frame's tokens held, mean over KV heads."""
@@ -62,8 +68,11 @@ class FrameReport:
         frac = self.fraction()
         groups = max(1, -(-self.frames // max_columns))
         cols = [(s, min(s + groups, self.frames)) for s in range(0, self.frames, groups)]
+        unit = "frame" if self.frames_per_column == 1 else f"{self.frames_per_column}-frame patch"
         head = "frame " if groups == 1 else f"frames/{groups} "
-        lines = [f"kept tokens per frame (% of {self.tokens_per_frame}, mean over KV heads)",
+        if self.frames_per_column > 1:
+            head = "patch " if groups == 1 else f"patches/{groups} "
+        lines = [f"kept tokens per {unit} (% of {self.tokens_per_frame}, mean over KV heads)",
                  f"{head:>10}" + "".join(f"{s:>4}" for s, _ in cols) + "   text  held"]
         for layer in range(frac.shape[0]):
             cells = "".join(f"{100 * frac[layer, s:e].mean():>4.0f}" for s, e in cols)
@@ -84,7 +93,9 @@ class FrameReport:
         frac = self.fraction().numpy()
         fig, ax = plt.subplots(figsize=(max(4.0, 0.22 * self.frames + 2), max(2.0, 0.35 * frac.shape[0] + 1.2)))
         image = ax.imshow(frac, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
-        ax.set_xlabel("frame")
+        ax.set_xlabel("frame" if self.frames_per_column == 1
+                      else f"temporal patch (frames {self.frames_per_column}t .. {self.frames_per_column}t + "
+                           f"{self.frames_per_column - 1})")
         ax.set_ylabel("layer")
         ax.set_title(title or "share of each frame's tokens kept (mean over KV heads)")
         fig.colorbar(image, ax=ax, fraction=0.04)

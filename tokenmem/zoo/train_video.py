@@ -128,9 +128,9 @@ def heldout_items(count: int, spec: Spec) -> list[tuple[task.ShapeClip, str]]:
 
 def videoqa_accuracy(path: Path, spec: Spec, count: int, batch: int = 16) -> tuple[dict, list]:
     """Held-out accuracy through ``VideoQA(path, "full")`` (from_pretrained, tokenmem memory, greedy generate)."""
-    from tokenmem.adapters.video import VideoQA
+    from tokenmem.adapters.qwen2vl import video_qa
 
-    qa = VideoQA(str(path), "full", frames=spec.frames)
+    qa = video_qa(str(path), "full", frames=spec.frames)
     items = heldout_items(count, spec)
     hits, rows = {kind: [] for kind in task.QUESTIONS}, []
     for s in range(0, len(items), batch):
@@ -195,21 +195,22 @@ def _optimise(model, opt, encoder: "Encoder", args, spec: Spec, step: int, progr
 def train(args) -> Path | None:
     from tqdm import tqdm
 
-    spec = Spec(**{**(TINY if args.tiny else {}), **({"frames": args.frames} if args.frames else {})})
+    spec = Spec(**{**(TINY if args.tiny else {}), **({"frames": args.frames} if args.frames else {}),
+                   "arch": args.arch})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     ckpt, log_path = out / "checkpoint.pt", out / "log.jsonl"
     if ckpt.exists() and not args.resume:
         raise TokenmemError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
-    tok = build_tokenizer()
+    tok = build_tokenizer(spec.arch)
     model = build_model(spec, tok, args.seed)
     opt = optimiser(model, args.lr, args.lr_lm)
     step, elapsed = 0, 0.0
     if ckpt.exists():
         step, elapsed = _resume(ckpt, log_path, spec, model, opt)
     model.train()
-    encoder = Encoder(tok, spec)
+    encoder = Encoder(tok, spec, model)
     evals = task.clips("heldout", args.eval_clips, num_frames=spec.frames, size=spec.size)
     budget = args.minutes * 60
 
@@ -279,7 +280,7 @@ def finalise(args, spec: Spec, model, tok, step: int, elapsed: float) -> Path:
         "train_questions": step * args.batch * len(task.QUESTIONS), "lr": args.lr, "lr_lm": args.lr_lm,
         "warmup": args.warmup, "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
         "train_seconds": round(elapsed, 1), "threads": args.threads, "spec": asdict(spec),
-        "tokens_per_frame": spec.tokens_per_frame, "video_tokens_per_clip": spec.frames * spec.tokens_per_frame,
+        "tokens_per_frame": spec.tokens_per_frame, "video_tokens_per_clip": spec.video_tokens,
         "event_frame_share": round(float(np.mean([len(c.events) / spec.frames for c in heldout])), 4),
         "heldout_clips": args.final_clips, "heldout_seeds": [heldout[0].seed, heldout[-1].seed],
         "heldout_accuracy_full_cache": accuracy, "chance": task.CHANCE, "order_blind_baseline": task.ORDER_BLIND,
@@ -328,6 +329,9 @@ def main(argv=None) -> Path | None:
     p.add_argument("--eval-minutes", type=float, default=4.0)
     p.add_argument("--eval-clips", type=int, default=48, help="held-out clips for the periodic (teacher-forced) eval")
     p.add_argument("--final-clips", type=int, default=300, help="held-out clips for the final VideoQA evaluation")
+    p.add_argument("--arch", choices=["llava", "qwen2vl"], default="llava",
+                   help="llava: LlavaNextVideoForConditionalGeneration (shapes-llava-video); qwen2vl: "
+                        "Qwen2VLForConditionalGeneration (shapes-qwen2vl-video)")
     p.add_argument("--tiny", action="store_true", help="a tiny random model and 16-frame clips (tests)")
     p.add_argument("--frames", type=int, default=None, help="frames per clip (default 24; 16 with --tiny)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

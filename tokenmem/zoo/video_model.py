@@ -27,17 +27,41 @@ class Spec:
     vision_hidden: int = 64
     vision_layers: int = 2
     lm: str = "stdlib"  # "stdlib": initialise from the shipped stdlib-llama; "tiny": a random 2-layer Llama (tests)
+    arch: str = "llava"  # "llava": LlavaNextVideoForConditionalGeneration; "qwen2vl": Qwen2VLForConditionalGeneration
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise TokenmemError(f"unknown video model architecture {self.arch!r}; use one of {ARCHS}")
 
     @property
     def tokens_per_frame(self) -> int:
+        """Language-model tokens per segment: a frame (LLaVA), a temporal patch of two frames (Qwen2-VL)."""
+        if self.arch == "qwen2vl":
+            from .qwen2vl_model import tokens_per_temporal_patch
+
+            return tokens_per_temporal_patch()
         return (self.size // PATCH // 2) ** 2
 
+    @property
+    def segments(self) -> int:
+        """Segments of a clip: frames (LLaVA), temporal patches of two frames (Qwen2-VL)."""
+        return -(-self.frames // 2) if self.arch == "qwen2vl" else self.frames
 
+    @property
+    def video_tokens(self) -> int:
+        return self.segments * self.tokens_per_frame
+
+
+ARCHS = ("llava", "qwen2vl")
 TINY = dict(frames=16, vision_hidden=32, vision_layers=1, lm="tiny")
 
 
 # -- the model -------------------------------------------------------------------------------------
-def build_tokenizer():
+def build_tokenizer(arch: str = "llava"):
+    if arch == "qwen2vl":
+        from .qwen2vl_model import build_tokenizer as build_qwen2vl_tokenizer
+
+        return build_qwen2vl_tokenizer()
     from transformers import AutoTokenizer
 
     from tokenmem.adapters.video import CHAT_TEMPLATE
@@ -57,6 +81,10 @@ def build_model(spec: Spec, tok, seed: int):
 
     from . import stdlib_lm_path
 
+    if spec.arch == "qwen2vl":
+        from .qwen2vl_model import build_model as build_qwen2vl
+
+        return build_qwen2vl(spec, tok, seed)
     torch.manual_seed(seed)
     if spec.lm == "stdlib":
         lm = LlamaForCausalLM.from_pretrained(stdlib_lm_path(), dtype=torch.float32)
@@ -115,7 +143,12 @@ def frame_config(spec: Spec) -> dict:
 
 
 def save_pretrained(model, tok, spec: Spec, path: Path) -> None:
-    """Model, tokenizer (with the chat template) and the processor files VideoQA and LlavaNextVideoProcessor read."""
+    """Model, tokenizer (with the chat template) and the processor files VideoQA and LlavaNextVideoProcessor read
+    (Qwen2VLVideoQA and Qwen2VLProcessor for a Qwen2-VL spec)."""
+    if spec.arch == "qwen2vl":
+        from .qwen2vl_model import save_pretrained as save_qwen2vl
+
+        return save_qwen2vl(model, tok, path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -136,20 +169,33 @@ def save_pretrained(model, tok, spec: Spec, path: Path) -> None:
 
 # -- batches ---------------------------------------------------------------------------------------
 class Encoder:
-    """Token ids of prompt + answer as VideoQA builds the prompt, and pixel values from the model's preprocessor."""
+    """Token ids of prompt + answer as VideoQA builds the prompt, and pixel values from the model's preprocessor.
 
-    def __init__(self, tok, spec: Spec):
-        from tokenmem.adapters.video_frames import FramePreprocessor
+    A Qwen2-VL spec needs ``model``: the M-RoPE position ids of the prompts come from its ``get_rope_index``."""
 
+    def __init__(self, tok, spec: Spec, model=None):
         self.tok, self.spec = tok, spec
-        self.preprocessor = FramePreprocessor(**frame_config(spec))
-        video = "<video>" * (spec.frames * spec.tokens_per_frame)
-        self.prompts = {}
+        if spec.arch == "qwen2vl":
+            from tokenmem.adapters.qwen2vl_frames import Qwen2VLFramePreprocessor
+
+            from .qwen2vl_model import VIDEO_PAD, frame_config as qwen2vl_frame_config
+
+            if model is None:
+                raise TokenmemError("a Qwen2-VL Encoder needs the model (its get_rope_index gives the positions)")
+            self.preprocessor, placeholder = Qwen2VLFramePreprocessor(**qwen2vl_frame_config()), VIDEO_PAD
+        else:
+            from tokenmem.adapters.video_frames import FramePreprocessor
+
+            self.preprocessor, placeholder = FramePreprocessor(**frame_config(spec)), "<video>"
+        video = placeholder * spec.video_tokens
+        self.prompts, self.positions = {}, {}
         for kind, question in task.QUESTIONS.items():
             conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
             text = tok.apply_chat_template(conversation, chat_template=tok.chat_template, add_generation_prompt=True,
                                            tokenize=False)
-            self.prompts[kind] = tok(text.replace("<video>", video))["input_ids"]
+            self.prompts[kind] = tok(text.replace(placeholder, video))["input_ids"]
+            if spec.arch == "qwen2vl":
+                self.positions[kind] = self._mrope(model, self.prompts[kind])
         self.answers = {a: tok(" " + a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                         for answers in task.ANSWERS.values() for a in answers}
 
@@ -157,6 +203,8 @@ class Encoder:
         """One sequence per ``(clip, question kind)``: the model's inputs (ids [b, q] right-padded, pixels
         [b, frames, 3, H, W]; no mask or positions needed, causal attention never reads the padding at the end)
         and labels [b, q] (-100 except the answer tokens)."""
+        if self.spec.arch != "llava":
+            raise TokenmemError("unpacked batches are built for LLaVA only; use Encoder.packed")
         rows = [self.prompts[kind] + self.answers[clip.answer(kind)] for clip, kind in items]
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), self.tok.pad_token_id, dtype=torch.long)
@@ -170,6 +218,25 @@ class Encoder:
     def pixels(self, clips) -> torch.Tensor:
         return torch.stack([self.preprocessor(clip.frames) for clip in clips])  # [b, frames, 3, H, W]
 
+    def video_inputs(self, clips) -> dict:
+        """The model's video inputs: ``pixel_values_videos`` [b, frames, 3, H, W] (LLaVA), or the patches of all
+        clips [b * patches, 1176] with ``video_grid_thw`` [b, 3] (Qwen2-VL)."""
+        if self.spec.arch == "llava":
+            return dict(pixel_values_videos=self.pixels(clips))
+        out = [self.preprocessor(clip.frames) for clip in clips]
+        return dict(pixel_values_videos=torch.cat([p for p, _ in out]),
+                    video_grid_thw=torch.tensor([g for _, g in out]))
+
+    def _mrope(self, model, ids: list[int]) -> torch.Tensor:
+        """``[3, q + answer room]`` M-RoPE positions of a prompt and of the tokens generated after it."""
+        from .qwen2vl_model import prompt_positions
+
+        grid = torch.tensor([self.preprocessor.grid(self.spec.frames, self.spec.size, self.spec.size)])
+        prompt = torch.tensor([ids])
+        positions, delta = prompt_positions(model, prompt, grid)  # [3, 1, q], [1, 1]
+        after = torch.arange(len(ids), len(ids) + 32) + int(delta)  # what generate gives the answer tokens
+        return torch.cat([positions[:, 0], after.expand(3, -1)], dim=1)
+
     def packed(self, clips: list[task.ShapeClip]):
         """All questions of a clip in one row sharing the video: ``prefix | question 1 answer 1 | question 2 ...``,
         ``prefix`` being what all prompts share (``USER: <video>...``). A 4-D mask lets each question attend to the
@@ -179,31 +246,40 @@ class Encoder:
         inputs (with ``attention_mask`` [b, 1, q, q] bool and ``position_ids`` [b, q]) and labels [b, q]."""
         kinds = list(task.QUESTIONS)
         prefix = self.prefix
+        axes = 3 if self.spec.arch == "qwen2vl" else 1  # M-RoPE position ids [3, b, q] for Qwen2-VL
         rows = []
         for clip in clips:
             ids, seg, lab = list(self.prompts[kinds[0]][:prefix]), [0] * prefix, [-100] * prefix
-            pos = list(range(prefix))
+            pos = [self._positions(kinds[0], 0, prefix)]
             for s, kind in enumerate(kinds, 1):
                 branch, answer = self.prompts[kind][prefix:], self.answers[clip.answer(kind)]
                 ids += branch + answer
                 seg += [s] * (len(branch) + len(answer))
-                pos += range(prefix, prefix + len(branch) + len(answer))
+                pos.append(self._positions(kind, prefix, len(self.prompts[kind]) + len(answer)))
                 lab += [-100] * len(branch) + answer
-            rows.append((ids, seg, pos, lab))
+            rows.append((ids, seg, torch.cat(pos, dim=-1), lab))
         b, width = len(rows), max(len(r[0]) for r in rows)
         ids = torch.full((b, width), self.tok.pad_token_id, dtype=torch.long)
         seg = torch.full((b, width), -1, dtype=torch.long)
-        pos = torch.zeros((b, width), dtype=torch.long)
+        pos = torch.zeros((axes, b, width), dtype=torch.long)
         lab = torch.full((b, width), -100, dtype=torch.long)
-        for r, row in enumerate(rows):
-            n = len(row[0])
-            for out, values in zip((ids, seg, pos, lab), row):
-                out[r, :n] = torch.tensor(values)
+        for r, (row_ids, row_seg, row_pos, row_lab) in enumerate(rows):
+            n = len(row_ids)
+            ids[r, :n], seg[r, :n], lab[r, :n] = torch.tensor(row_ids), torch.tensor(row_seg), torch.tensor(row_lab)
+            pos[:, r, :n] = row_pos
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         visible = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)  # [b, query, key]
         mask = (causal & visible & (seg[:, None, :] >= 0)) | torch.eye(width, dtype=torch.bool)  # padding sees itself
-        return dict(input_ids=ids, pixel_values_videos=self.pixels(clips), attention_mask=mask[:, None],
-                    position_ids=pos), lab
+        return dict(input_ids=ids, **self.video_inputs(clips), attention_mask=mask[:, None],
+                    position_ids=pos if axes == 3 else pos[0]), lab
+
+    def _positions(self, kind: str, start: int, end: int) -> torch.Tensor:
+        """Positions ``[axes, end - start]`` of tokens ``start .. end - 1`` of ``kind``'s prompt followed by its
+        answer, as inference gives them: ``arange`` (LLaVA), M-RoPE from ``get_rope_index`` and the tokens
+        generated after the prompt at ``index + rope_delta`` (Qwen2-VL)."""
+        if self.spec.arch == "qwen2vl":
+            return self.positions[kind][:, start:end]
+        return torch.arange(start, end)[None]
 
     @property
     def prefix(self) -> int:
