@@ -11,7 +11,7 @@ Bai et al. 2025, "Qwen2.5-VL Technical Report"; https://github.com/QwenLM/Qwen2.
   attention, the vision tower keeps its own;
 - positions: multimodal RoPE ``[3, b, q]`` (temporal, height, width) from the model's own ``get_rope_index``,
   and ``rope_deltas`` recorded on the model so that the tokens generated after a chunked prefill continue as
-  transformers continues them. ``positions="shift"`` is refused with a :class:`~tokenmem.TokenmemError` (the
+  transformers' whole-prompt ``generate`` continues them: one position after the prompt's last token. ``positions="shift"`` is refused with a :class:`~tokenmem.TokenmemError` (the
   memory does not re-rotate per M-RoPE section); ``"original"`` is the default;
 - metadata: a video token gets modality ``"frame"`` and **segment = its temporal patch** ``t``, which covers video
   frames ``2t`` and ``2t + 1`` (the vision tower's 3-D patches span two frames, so no token belongs to one frame);
@@ -159,10 +159,14 @@ class Qwen2VLVideoQA(VideoQA):
                         model_inputs={"pixel_values_videos": pixels, **extra})
         if self.prefill_chunk is not None:
             inner = self.model.model
-            positions, deltas = inner.get_rope_index(prompt.input_ids, video_grid_thw=extra["video_grid_thw"],
+            positions, _ = inner.get_rope_index(prompt.input_ids, video_grid_thw=extra["video_grid_thw"],
                                                      attention_mask=prompt.attention_mask,
                                                      mm_token_type_ids=extra["mm_token_type_ids"])
-            inner.rope_deltas = deltas  # what forward records when it computes the positions itself
+            # generate continues each row one position after the prompt's last token (its own whole-prompt path
+            # steps position_ids by one); get_rope_index's deltas count from the largest position instead, which
+            # differs when a video's temporal positions pass the last text token (Qwen2.5-VL's time spacing)
+            last = positions[0, :, -1:]  # [b, 1]: left padding, so the last column is real; text: equal axes
+            inner.rope_deltas = last + 1 - prompt.attention_mask.sum(-1, keepdim=True).to(last.dtype)
             embeds = self.model.get_input_embeddings()(prompt.input_ids)
             features = inner.get_video_features(pixels, extra["video_grid_thw"], return_dict=True).pooler_output
             features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 def add_parser(sub, budget_type, add_memory_args) -> None:
     """Register the ``video-qa`` subcommand (``budget_type`` / ``add_memory_args`` come from tokenmem.cli)."""
-    p = sub.add_parser("video-qa", help="answer a question about a video with LLaVA-NeXT-Video under a bounded memory")
-    p.add_argument("--model", required=True, help="local LLaVA-NeXT-Video directory (from_pretrained)")
+    p = sub.add_parser("video-qa", help="answer a question about a video with LLaVA-NeXT-Video or Qwen2-VL "
+                       "(chosen by the model's type) under a bounded memory")
+    p.add_argument("--model", required=True, help="local LLaVA-NeXT-Video, Qwen2-VL or Qwen2.5-VL directory "
+                   "(from_pretrained)")
     p.add_argument("--video", required=True, help="video file (read with decord; PyAV as the fallback)")
     p.add_argument("--question", required=True)
     p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly (default 32)")
@@ -27,10 +29,10 @@ def add_parser(sub, budget_type, add_memory_args) -> None:
 def run(args) -> int:
     import torch
 
-    from .video import VideoQA
+    from .qwen2vl import video_qa
 
     torch.manual_seed(args.seed)
-    qa = VideoQA(args.model, args.evictor, args.budget, interval=args.interval, positions=args.positions,
+    qa = video_qa(args.model, args.evictor, args.budget, interval=args.interval, positions=args.positions,
                  evict_unit=args.evict_unit, protect_question=not args.no_protect_question, frames=args.frames,
                  fps=args.fps, reader=args.reader, prefill_chunk=args.prefill_chunk)
     answer = qa.ask(args.video, args.question, max_new_tokens=args.max_new_tokens)

@@ -233,8 +233,9 @@ class Encoder:
 
         grid = torch.tensor([self.preprocessor.grid(self.spec.frames, self.spec.size, self.spec.size)])
         prompt = torch.tensor([ids])
-        positions, delta = prompt_positions(model, prompt, grid)  # [3, 1, q], [1, 1]
-        after = torch.arange(len(ids), len(ids) + 32) + int(delta)  # what generate gives the answer tokens
+        positions, _ = prompt_positions(model, prompt, grid)  # [3, 1, q]
+        last = int(positions[0, 0, -1])
+        after = torch.arange(last + 1, last + 33)  # generate steps the answer tokens on from the prompt's last token
         return torch.cat([positions[:, 0], after.expand(3, -1)], dim=1)
 
     def packed(self, clips: list[task.ShapeClip]):
