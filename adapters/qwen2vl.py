@@ -143,7 +143,7 @@ class Qwen2VLVideoQA(VideoQA):
         meta = prompt_meta(ids, mask, self.separators, media=is_video, tokens_per_segment=per_patch, modality="frame",
                            protect_after_media=self.protect_question)
         pixels = torch.cat([p for p, _ in encoded]).to(self.model.dtype)
-        extra = {"video_grid_thw": torch.tensor([grid] * len(clips)), "mm_token_type_ids": is_video.int() * 2}
+        extra = {"video_grid_thw": torch.tensor([grid] * len(clips)), "mm_token_type_ids": is_video.long() * 2}
         return VideoInputs(ids, mask, pixels, meta, patches, per_patch, extra=extra,
                            frames_per_segment=self.preprocessor.config["temporal_patch_size"])
 

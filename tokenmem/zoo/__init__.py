@@ -6,7 +6,8 @@
 - :mod:`tokenmem.zoo.lm_tasks`: long-context language tasks built from held-out files.
 - :mod:`tokenmem.zoo.video_task` / :mod:`tokenmem.zoo.train_video`: procedural video-QA clips and the trainer of the
   tiny LLaVA-NeXT-Video model shipped in ``tokenmem/zoo/models/shapes-llava-video`` (its architecture, tokenizer and
-  batches: :mod:`tokenmem.zoo.video_model`).
+  batches: :mod:`tokenmem.zoo.video_model`), and of the tiny Qwen2-VL model shipped in
+  ``tokenmem/zoo/models/shapes-qwen2vl-video`` (:mod:`tokenmem.zoo.qwen2vl_model`; ``train_video --arch qwen2vl``).
 - :mod:`tokenmem.zoo.transfer`: the zero-shot transfer benchmark (``tokenmem bench``); :mod:`tokenmem.zoo.demo`:
   ``tokenmem demo``.
 
@@ -24,6 +25,7 @@ DATA_DIR = ZOO_DIR / "data"
 STDLIB_LM = MODELS_DIR / "stdlib-llama"
 SCORERS_DIR = ZOO_DIR / "scorers"
 VIDEO_LM = MODELS_DIR / "shapes-llava-video"
+VIDEO_QWEN2VL = MODELS_DIR / "shapes-qwen2vl-video"
 
 
 def stdlib_lm_path() -> Path:
@@ -45,3 +47,14 @@ def video_lm_path() -> Path:
                             "`python -m tokenmem.zoo.train_video --export ...` (see its docstring) or reinstall "
                             "tokenmem from a full checkout")
     return VIDEO_LM
+
+
+def video_qwen2vl_path() -> Path:
+    """The shipped tiny video-QA model of the Qwen2-VL architecture (a local ``from_pretrained`` directory)."""
+    from ..errors import TokenmemError
+
+    if not (VIDEO_QWEN2VL / "config.json").exists():
+        raise TokenmemError(f"the shipped Qwen2-VL video model is missing at {VIDEO_QWEN2VL}; recreate it with "
+                            "`python -m tokenmem.zoo.train_video --arch qwen2vl --export ...` (see its docstring) or "
+                            "reinstall tokenmem from a full checkout")
+    return VIDEO_QWEN2VL

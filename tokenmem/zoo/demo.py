@@ -1,8 +1,8 @@
 """``tokenmem demo``: the memory at work on the shipped models.
 
 :func:`run` loads the language model tokenmem trains and ships (``tokenmem/zoo/models/stdlib-llama``) with
-the real ``from_pretrained`` and runs two held-out prompts under every evictor; :func:`video` asks the shipped
-video model three questions about a generated clip, full cache vs h2o and the language-trained NAMM scorer at 25%;
+the real ``from_pretrained`` and runs two held-out prompts under every evictor; :func:`video` asks each shipped
+video model (LLaVA-NeXT-Video and Qwen2-VL) three questions about a generated clip, full cache vs h2o and the language-trained NAMM scorer at 25%;
 :func:`hopper` then rolls out the shipped Decision Transformer for one Hopper-v5 episode, full history vs the
 same scorer at 60 tokens.
 
@@ -65,7 +65,7 @@ def run(model_path: str | None = None, budget: float = 0.25, quick: bool = False
         from tokenmem.errors import TokenmemError
 
         raise TokenmemError(f"demo threads must be a positive int (or None: torch's setting), got {threads!r}")
-    progress = Progress()
+    progress = Progress(parts=4)  # language, video (LLaVA-NeXT-Video), video (Qwen2-VL), RL
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -79,9 +79,10 @@ def run(model_path: str | None = None, budget: float = 0.25, quick: bool = False
 def _run(model_path, budget, quick, progress) -> None:
     with quiet_loading():
         language(model_path, budget, quick, progress)
-        progress.begin(f"video: {2 if quick else 3} memories x 3 questions about one clip, shipped LLaVA-NeXT-Video model")
-        video(quick=quick)
-        progress.end()
+        for arch, name in (("llava", "LLaVA-NeXT-Video"), ("qwen2vl", "Qwen2-VL")):
+            progress.begin(f"video: {2 if quick else 3} memories x 3 questions about one clip, shipped {name} model")
+            video(quick=quick, arch=arch)
+            progress.end()
         progress.begin("RL: 2 memories x one Hopper-v5 episode" + (f" (at most {QUICK_STEPS} steps)" if quick else "")
                        + ", shipped Decision Transformer")
         hopper(max_steps=QUICK_STEPS if quick else None)
@@ -156,21 +157,27 @@ def held_by_quarter(memory, prompt_len: int) -> list[float]:
     return (counts / (size.clamp_min(1) * len(memory.layers) * rows_heads)).tolist()
 
 
-def video(model_path: str | None = None, budget: float = 0.25, clip_index: int = 0, quick: bool = False) -> list[dict]:
-    """The three questions about one generated held-out clip, asked of the shipped video model
-    (``shapes-llava-video``) with the full cache and with the language-trained NAMM scorer (unchanged) holding
+def video(model_path: str | None = None, budget: float = 0.25, clip_index: int = 0, quick: bool = False,
+          arch: str = "llava") -> list[dict]:
+    """The three questions about one generated held-out clip, asked of a shipped video model
+    (``arch``: ``"llava"``, shapes-llava-video; ``"qwen2vl"``, shapes-qwen2vl-video) with the full cache and
+    with the language-trained NAMM scorer (unchanged) holding
     ``budget`` of the tokens (and h2o at the same budget), the prompt streamed in chunks so that the memory chooses
     while it watches; prints each answer and which frames the memory kept (event frames starred). ``quick``: no h2o row."""
     from tokenmem.plugins.namm import NAMM
-    from tokenmem.zoo import video_lm_path
+    from tokenmem.errors import TokenmemError
+    from tokenmem.zoo import video_lm_path, video_qwen2vl_path
     from tokenmem.zoo import video_task as task
-    from tokenmem.zoo.transfer import event_token_share, video_qa
+    from tokenmem.zoo.transfer import event_token_share, frame_fraction, video_qa
 
-    path = str(model_path or video_lm_path())
+    if arch not in ("llava", "qwen2vl"):
+        raise TokenmemError(f"demo video arch must be 'llava' or 'qwen2vl', got {arch!r}")
+    path = str(model_path or (video_qwen2vl_path() if arch == "qwen2vl" else video_lm_path()))
+    name = "Qwen2-VL; a temporal patch covers 2 frames" if arch == "qwen2vl" else "LLaVA-NeXT-Video"
     clip = task.make_clip(task.heldout_seed(clip_index))
     frames = clip.frames.shape[0]
     events = ", ".join(f"{t}: {k}" for t, k in clip.event_kinds.items())
-    print(f"\nVideo QA: {path} (LLaVA-NeXT-Video architecture, trained here), held-out clip {clip.seed}: {frames} frames, "
+    print(f"\nVideo QA: {path} ({name} architecture, trained here), held-out clip {clip.seed}: {frames} frames, "
           f"events at {events}; every other frame repeats the last one")
     print("\n| memory | budget | KV held | " + " | ".join(task.QUESTIONS) + " | held video tokens on event frames |")
     print("|---|---|---|---|---|---|---|")
@@ -182,12 +189,12 @@ def video(model_path: str | None = None, budget: float = 0.25, clip_index: int =
         said = [a.text.strip() for a in answers]
         marks = [f"{s} ({'ok' if s == clip.answer(k) else 'wrong'})" for s, k in zip(said, task.QUESTIONS)]
         on_events = event_token_share(answers[0].report, clip)
-        share = len(clip.events) / frames
+        share = len(answers[0].report.columns_of(clip.events)) / answers[0].report.frames
         held = answers[0].memory.stats()["held_fraction"]
         print(f"| {label} | {'all' if b is None else f'{b:.0%}'} | {held:.0%} | " + " | ".join(marks)
               + f" | {on_events:.0%} (they are {share:.0%} of the video) |")
         rows.append({"memory": label, "answers": said, "event_token_share": on_events, "held": held,
-                     "frame_kept": answers[0].report.fraction().mean(0).tolist()})
+                     "frame_kept": frame_fraction(answers[0].report, frames)})
     print(f"(truth: {', '.join(clip.answer(k) for k in task.QUESTIONS)})")
     per_frame = " ".join(f"{t}{'*' if t in clip.events else ''}:{100 * v:.0f}%" for t, v in enumerate(rows[-1]["frame_kept"]))
     print(f"namm kept of each frame (mean over layers and KV heads; * = event frame): {per_frame}")

@@ -13,6 +13,10 @@ evictors, at the same budgets (a fraction of the tokens seen, so every row holds
   after each (the memory chooses while it watches, before the question arrives). Score: accuracy x100 (chance 25).
   Also measured: the share of the held video tokens that lie on *event* frames (frames that show something new)
   against the event frames' share of the video: above it, an evictor drops redundant frames first.
+- **video-qwen2vl**: the same clips and questions asked of the shipped ``shapes-qwen2vl-video`` (a
+  ``Qwen2VLForConditionalGeneration`` trained here the same way, ``train_video --arch qwen2vl``) through
+  :class:`~tokenmem.adapters.qwen2vl.Qwen2VLVideoQA`: M-RoPE positions, 3-D patches of two frames (a temporal
+  patch is a segment; the event share counts a patch as an event patch when either of its frames is an event).
 - **rl**: the shipped Hopper Decision Transformer (:mod:`tokenmem.envs`) rolled out with its whole history cached
   (``full``) or under a budget. Score: D4RL-normalised return (mean over seeds). Also measured: the token types
   (return / state / action) held at the end of the episodes.
@@ -40,7 +44,7 @@ import torch
 from ..errors import TokenmemError
 from ..evictor_list import add_evictors_argument, check_evictors, registered
 
-MODALITIES = ("language", "video", "rl")
+MODALITIES = ("language", "video", "video-qwen2vl", "rl")
 BUDGETS = (0.25, 0.5)
 SEPARATOR_MODALITIES = ("language",)
 VIDEO_CHUNK = 32  # prompt tokens per prefill call in video QA (about 3.5 frames of 9 tokens)
@@ -122,16 +126,17 @@ def run_language(evictors, budgets, size: dict, scorer, progress) -> list[Row]:
 
 
 # -- video ---------------------------------------------------------------------------------------------------
-def run_video(evictors, budgets, size: dict, scorer, progress, model_path=None) -> list[Row]:
-    from . import video_lm_path
+def run_video(evictors, budgets, size: dict, scorer, progress, model_path=None,
+              modality: str = "video") -> list[Row]:
+    from . import video_lm_path, video_qwen2vl_path
     from . import video_task as task
 
-    path = str(model_path or video_lm_path())
+    path = str(model_path or (video_qwen2vl_path() if modality == "video-qwen2vl" else video_lm_path()))
     frames = _video_frames(path)
     clips = task.clips("heldout", size["clips"], num_frames=frames)
     items = [(clip, kind) for clip in clips for kind in task.QUESTIONS]
     rows, shared = [], None
-    for name, budget in configs("video", evictors, budgets):
+    for name, budget in configs(modality, evictors, budgets):
         qa = shared = video_qa(shared or path, _evictor(name, scorer), budget, frames)
         hits = {kind: [] for kind in task.QUESTIONS}
         held, on_events, event_share, per_frame = [], [], [], []
@@ -144,9 +149,9 @@ def run_video(evictors, budgets, size: dict, scorer, progress, model_path=None) 
             for (clip, kind), ans in zip(part, answers):
                 hits[kind].append(ans.text.strip() == clip.answer(kind))
                 on_events.append(event_token_share(ans.report, clip))
-                event_share.append(len(clip.events) / frames)
+                event_share.append(len(ans.report.columns_of(clip.events)) / ans.report.frames)
                 if clip is clips[0]:
-                    per_frame.append(ans.report.fraction().mean(0).tolist())  # [frames] share held, mean of layers
+                    per_frame.append(frame_fraction(ans.report, frames))  # [frames] share held, mean of layers
         seconds = time.perf_counter() - t0
         every = [h for v in hits.values() for h in v]
         metrics = {f"{kind} acc": round(100 * float(np.mean(v)), 1) for kind, v in hits.items()}
@@ -155,7 +160,7 @@ def run_video(evictors, budgets, size: dict, scorer, progress, model_path=None) 
                    "example_clip": {"seed": clips[0].seed, "events": list(clips[0].events),
                                     "event_kinds": {str(k): v for k, v in clips[0].event_kinds.items()},
                                     "frame_kept": np.mean(per_frame, axis=0).round(4).tolist()}}
-        rows.append(Row("video", name, budget, round(100 * float(np.mean(every)), 2),
+        rows.append(Row(modality, name, budget, round(100 * float(np.mean(every)), 2),
                         round(100 * float(np.std(every)), 2), round(float(np.mean(held)), 4),
                         round(len(items) / seconds, 2), "questions/s", round(seconds, 1), len(items), metrics, details))
         progress(rows[-1])
@@ -163,20 +168,30 @@ def run_video(evictors, budgets, size: dict, scorer, progress, model_path=None) 
 
 
 def video_qa(model, evictor, budget, frames: int):
-    """A streaming :class:`VideoQA` (prompt fed in ``VIDEO_CHUNK``-token chunks) on a model directory, or on the
-    model, tokenizer and preprocessor of an earlier ``VideoQA`` (loaded once for many evictors)."""
+    """A streaming :class:`VideoQA` or :class:`Qwen2VLVideoQA` (by the model's type; prompt fed in
+    ``VIDEO_CHUNK``-token chunks) on a model directory, or on the model, tokenizer and preprocessor of an earlier
+    one (loaded once for many evictors)."""
+    from tokenmem.adapters.qwen2vl import video_qa as open_video_qa
     from tokenmem.adapters.video import VideoQA
 
     if isinstance(model, VideoQA):
-        return VideoQA(model.model, evictor, budget, tokenizer=model.tokenizer, preprocessor=model.preprocessor,
-                       chat_template=model.chat_template, frames=frames, prefill_chunk=VIDEO_CHUNK)
-    return VideoQA(model, evictor, budget, frames=frames, prefill_chunk=VIDEO_CHUNK)
+        return type(model)(model.model, evictor, budget, tokenizer=model.tokenizer, preprocessor=model.preprocessor,
+                           chat_template=model.chat_template, frames=frames, prefill_chunk=VIDEO_CHUNK)
+    return open_video_qa(model, evictor, budget, frames=frames, prefill_chunk=VIDEO_CHUNK)
 
 
 def event_token_share(report, clip) -> float:
-    """Share of the held video tokens (all layers and KV heads) that lie on the clip's event frames."""
-    kept = report.kept.sum(dim=(0, 1)).double()  # [frames]: held tokens of each frame
-    return float(kept[list(clip.events)].sum() / kept.sum().clamp_min(1))
+    """Share of the held video tokens (all layers and KV heads) that lie on the clip's event frames (Qwen2-VL: on
+    the temporal patches holding an event frame)."""
+    kept = report.kept.sum(dim=(0, 1)).double()  # [columns]: held tokens of each frame (or temporal patch)
+    return float(kept[report.columns_of(clip.events)].sum() / kept.sum().clamp_min(1))
+
+
+def frame_fraction(report, frames: int) -> list[float]:
+    """``[frames]``: share of each video frame's tokens held, mean over layers and KV heads (a Qwen2-VL temporal
+    patch's share stands for both of its frames)."""
+    per_column = report.fraction().mean(0)
+    return per_column.repeat_interleave(report.frames_per_column)[:frames].tolist()
 
 
 def _video_frames(path: str) -> int:
@@ -228,7 +243,11 @@ def run_rl(evictors, budgets, size: dict, scorer, progress, model_path=None, see
 
 
 # -- everything ----------------------------------------------------------------------------------------------
-RUNNERS = {"language": run_language, "video": run_video, "rl": run_rl}
+def run_video_qwen2vl(evictors, budgets, size: dict, scorer, progress, model_path=None) -> list[Row]:
+    return run_video(evictors, budgets, size, scorer, progress, model_path, modality="video-qwen2vl")
+
+
+RUNNERS = {"language": run_language, "video": run_video, "video-qwen2vl": run_video_qwen2vl, "rl": run_rl}
 
 
 def __getattr__(name: str):

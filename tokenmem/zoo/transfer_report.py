@@ -9,8 +9,11 @@ from pathlib import Path
 from ..errors import TokenmemError
 
 BASELINES = ("recent", "sink", "h2o")
-UNITS = {"language": "mean of code-completion ES and retrieval EM (x100)", "video": "accuracy (%, chance 25)",
+UNITS = {"language": "mean of code-completion ES and retrieval EM (x100)",
+         "video": "accuracy (%, chance 25; LLaVA-NeXT-Video)", "video-qwen2vl": "accuracy (%, chance 25; Qwen2-VL)",
          "rl": "D4RL-normalised score (Hopper)"}
+VIDEO_MODALITIES = ("video", "video-qwen2vl")
+VIDEO_PLOTS = {"video": "transfer_video_frames.png", "video-qwen2vl": "transfer_video_qwen2vl_frames.png"}
 COLOURS = {"full": "black", "recent": "tab:orange", "sink": "tab:green", "separator": "tab:brown", "h2o": "tab:red",
            "namm": "tab:purple"}  # one colour per evictor in every panel
 README_BEGIN, README_END = "<!-- transfer:begin -->", "<!-- transfer:end -->"
@@ -33,7 +36,7 @@ def table(report: dict, modality: str) -> str:
     full = _find(rows, "full", None)
     metric_names = list(rows[0]["metrics"]) if rows else []
     head = ["evictor", "budget", "KV held", "score", "vs full"] + metric_names
-    if modality == "video":
+    if modality in VIDEO_MODALITIES:
         head += ["kept on event frames"]
     if modality == "rl":
         head += ["held return/state/action"]
@@ -44,7 +47,7 @@ def table(report: dict, modality: str) -> str:
         rel = f"{r['score'] / full['score']:.2f}" if full and full["score"] else "–"
         cells = [r["evictor"], _budget(r["budget"]), f"{r['kv_fraction']:.2f}", score, rel]
         cells += [f"{r['metrics'][m]:.1f}" for m in metric_names]
-        if modality == "video":
+        if modality in VIDEO_MODALITIES:
             cells.append(f"{r['details']['event_token_share']:.0%} (video: {r['details']['event_frame_share']:.0%})")
         if modality == "rl":
             k = r["details"]["kept_types"]
@@ -83,14 +86,14 @@ def claims(report: dict) -> list[str]:
                 side = f"{gap:.1%} below" if gap >= 0 else f"{-gap:.1%} above"
                 line += f"; {within} 2% of full ({namm['score']:.1f} vs {full['score']:.1f}, {side})"
             out.append(line + ".")
-        if modality == "video":
+        if modality in VIDEO_MODALITIES:
             for r in rows:
                 if r["budget"] is None:
                     continue
                 d = r["details"]
                 first = "keeps event frames first" if d["event_token_share"] > d["event_frame_share"] else \
                     "does not favour event frames"
-                out.append(f"- video, {r['evictor']} at {r['budget']:.0%}: {d['event_token_share']:.0%} of the held video "
+                out.append(f"- {modality}, {r['evictor']} at {r['budget']:.0%}: {d['event_token_share']:.0%} of the held video "
                            f"tokens are on event frames, which are {d['event_frame_share']:.0%} of the video: {first}.")
     return out
 
@@ -163,16 +166,17 @@ def plots(report: dict, out_dir: Path) -> list[Path]:
     made.append(out_dir / "transfer_score_vs_kv.png")
     fig.savefig(made[-1], dpi=110)
     plt.close(fig)
-    video = [r for r in _rows(report, "video") if r["budget"] is not None]
-    if video:
-        made.append(_video_plot(plt, video, out_dir / "transfer_video_frames.png"))
+    for modality, name in VIDEO_PLOTS.items():
+        video = [r for r in _rows(report, modality) if r["budget"] is not None]
+        if video:
+            made.append(_video_plot(plt, video, out_dir / name, modality))
     rl = _rows(report, "rl")
     if rl:
         made.append(_rl_plot(plt, rl, out_dir / "transfer_rl_kept.png"))
     return made
 
 
-def _video_plot(plt, rows, path: Path) -> Path:
+def _video_plot(plt, rows, path: Path, modality: str = "video") -> Path:
     import numpy as np
 
     example = rows[0]["details"]["example_clip"]
@@ -187,7 +191,8 @@ def _video_plot(plt, rows, path: Path) -> Path:
     for t in kinds:
         ax.axvline(t, color="red", alpha=0.35, linewidth=6)
     ax.set_xlabel("frame (event frames shaded red: app(ear) / rec(olour) / mov(e) / fla(sh))")
-    ax.set_title(f"share of each frame's tokens held after the prompt, held-out clip seed {example['seed']} "
+    model = "Qwen2-VL; a temporal patch of 2 frames" if modality == "video-qwen2vl" else "LLaVA-NeXT-Video"
+    ax.set_title(f"{model}: share of each frame's tokens held after the prompt, held-out clip seed {example['seed']} "
                  "(mean over layers and KV heads)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.025)
     share = [r["details"]["event_token_share"] for r in rows]
