@@ -11,8 +11,9 @@ Bai et al. 2025, "Qwen2.5-VL Technical Report"; https://github.com/QwenLM/Qwen2.
   attention, the vision tower keeps its own;
 - positions: multimodal RoPE ``[3, b, q]`` (temporal, height, width) from the model's own ``get_rope_index``,
   and ``rope_deltas`` recorded on the model so that the tokens generated after a chunked prefill continue as
-  transformers' whole-prompt ``generate`` continues them: one position after the prompt's last token. ``positions="shift"`` is refused with a :class:`~tokenmem.TokenmemError` (the
-  memory does not re-rotate per M-RoPE section); ``"original"`` is the default;
+  transformers' whole-prompt ``generate`` continues them: one position after the prompt's last token.
+  ``positions="shift"`` is refused with a :class:`~tokenmem.TokenmemError` (the memory does not re-rotate per
+  M-RoPE section); ``"original"`` is the default;
 - metadata: a video token gets modality ``"frame"`` and **segment = its temporal patch** ``t``, which covers video
   frames ``2t`` and ``2t + 1`` (the vision tower's 3-D patches span two frames, so no token belongs to one frame);
   the ``token`` field is its index inside the patch (row-major over the merged grid). ``evict_unit="frame"`` keeps
@@ -33,7 +34,7 @@ import torch
 from tokenmem.errors import InputError, TokenmemError
 from tokenmem.files import load_pretrained
 
-from .base import Prompt, prompt_meta
+from .base import Prompt
 from .qwen2vl_frames import Qwen2VLFramePreprocessor
 from .video import VideoInputs, VideoQA
 from .video_io import Clip
@@ -125,23 +126,8 @@ class Qwen2VLVideoQA(VideoQA):
         encoded = [self.preprocessor(c.frames) for c in clips]
         grid = encoded[0][1]
         patches, per_patch = grid[0], grid[1] * grid[2] // self.preprocessor.config["merge_size"] ** 2
-        count = patches * per_patch
-        texts = []
-        for question in questions:
-            text = self.prompt(question)
-            if text.count(self.video_token) != 1:
-                raise TokenmemError(f"the prompt must hold exactly one {self.video_token!r} placeholder, got "
-                                    f"{text.count(self.video_token)} in {text!r}")
-            texts.append(text.replace(self.video_token, self.video_token * count))
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True)
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        is_video = ids == self.video_token_id
-        found = is_video.sum(-1)
-        if bool((found != count).any()):
-            raise TokenmemError(f"the tokenizer split the video placeholder: expected {count} video tokens per "
-                                f"prompt, got {found.tolist()}; {self.video_token!r} must be a special token")
-        meta = prompt_meta(ids, mask, self.separators, media=is_video, tokens_per_segment=per_patch, modality="frame",
-                           protect_after_media=self.protect_question)
+        ids, mask, is_video = self._tokenize(questions, patches * per_patch)
+        meta = self._meta(ids, mask, is_video, tokens_per_segment=per_patch)
         pixels = torch.cat([p for p, _ in encoded]).to(self.model.dtype)
         extra = {"video_grid_thw": torch.tensor([grid] * len(clips)), "mm_token_type_ids": is_video.long() * 2}
         return VideoInputs(ids, mask, pixels, meta, patches, per_patch, extra=extra,

@@ -20,18 +20,16 @@ count equal transformers' own processor wherever torchvision imports (CI's visio
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import numpy as np
 import torch
 
 from tokenmem.errors import TokenmemError
 
-from .video_frames import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, rescale_and_normalize, resize_frames
+from .video_frames import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, read_processor_config, rescale_and_normalize,
+                           resize_frames)
 
-CONFIG_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
 # the defaults of Qwen2VLVideoProcessor (transformers 5.x) for keys a config file leaves out
 DEFAULTS = dict(do_resize=True, size={"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}, resample=3,
                 do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=OPENAI_CLIP_MEAN,
@@ -81,13 +79,7 @@ class Qwen2VLFramePreprocessor:
 
     @classmethod
     def from_pretrained(cls, path: str) -> "Qwen2VLFramePreprocessor":
-        for name in CONFIG_FILES:
-            file = os.path.join(path, name)
-            if os.path.isfile(file):
-                with open(file, encoding="utf-8") as f:
-                    return cls(**json.load(f))
-        raise TokenmemError(f"no {' or '.join(CONFIG_FILES)} in {path!r}: save the model's processor there "
-                            "(processor.save_pretrained(path)) so frames are prepared as the model was trained")
+        return cls(**read_processor_config(path))
 
     @property
     def factor(self) -> int:

@@ -177,26 +177,34 @@ class VideoQA(Adapter):
         if frames == 0:
             raise InputError("the video has no frames; give at least one frame")
         pixels = torch.stack([self.preprocessor(c.frames) for c in clips]).to(self.model.dtype)
+        ids, mask, is_video = self._tokenize(questions, frames * self.tokens_per_frame)
+        return VideoInputs(ids, mask, pixels, self._meta(ids, mask, is_video), frames, self.tokens_per_frame)
+
+    def _tokenize(self, questions: list[str], count: int):
+        """``(ids, mask, is_video)`` ``[b, q]`` of the prompts, their one video placeholder expanded to ``count``
+        video tokens (left padding); a prompt without exactly one placeholder, or a tokenizer that splits it, is
+        refused."""
         texts = []
         for question in questions:
             text = self.prompt(question)
             if text.count(self.video_token) != 1:
                 raise TokenmemError(f"the prompt must hold exactly one {self.video_token!r} placeholder, got "
                                     f"{text.count(self.video_token)} in {text!r}")
-            texts.append(text.replace(self.video_token, self.video_token * (frames * self.tokens_per_frame)))
+            texts.append(text.replace(self.video_token, self.video_token * count))
         enc = self.tokenizer(texts, return_tensors="pt", padding=True)
         ids, mask = enc["input_ids"], enc["attention_mask"]
         is_video = ids == self.video_token_id
         found = is_video.sum(-1)
-        if bool((found != frames * self.tokens_per_frame).any()):
-            raise TokenmemError(f"the tokenizer split the video placeholder: expected {frames * self.tokens_per_frame} "
-                                f"video tokens per prompt, got {found.tolist()}; {self.video_token!r} must be a "
-                                "special token of the tokenizer")
-        return VideoInputs(ids, mask, pixels, self._meta(ids, mask, is_video), frames, self.tokens_per_frame)
+        if bool((found != count).any()):
+            raise TokenmemError(f"the tokenizer split the video placeholder: expected {count} video tokens per "
+                                f"prompt, got {found.tolist()}; {self.video_token!r} must be a special token of the "
+                                "tokenizer")
+        return ids, mask, is_video
 
-    def _meta(self, ids, mask, is_video) -> TokenMeta:
-        return prompt_meta(ids, mask, self.separators, media=is_video, tokens_per_segment=self.tokens_per_frame,
-                           modality="frame", protect_after_media=self.protect_question)
+    def _meta(self, ids, mask, is_video, tokens_per_segment: int | None = None) -> TokenMeta:
+        return prompt_meta(ids, mask, self.separators, media=is_video,
+                           tokens_per_segment=tokens_per_segment or self.tokens_per_frame, modality="frame",
+                           protect_after_media=self.protect_question)
 
     # -- answering ---------------------------------------------------------------------------------
     def memory(self, **options) -> TokenMemory:

@@ -48,13 +48,7 @@ class FramePreprocessor:
 
     @classmethod
     def from_pretrained(cls, path: str) -> "FramePreprocessor":
-        for name in CONFIG_FILES:
-            file = os.path.join(path, name)
-            if os.path.isfile(file):
-                with open(file, encoding="utf-8") as f:
-                    return cls(**json.load(f))
-        raise TokenmemError(f"no {' or '.join(CONFIG_FILES)} in {path!r}: save the model's processor there "
-                            "(processor.save_pretrained(path)) so frames are prepared as the model was trained")
+        return cls(**read_processor_config(path))
 
     @property
     def crop(self) -> tuple[int, int]:
@@ -90,6 +84,22 @@ class FramePreprocessor:
 
     def _resize(self, video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return resize_frames(video, size, self.config["resample"])
+
+
+def read_processor_config(path: str) -> dict:
+    """The video preprocessor config a model directory holds (``video_preprocessor_config.json``, else
+    ``preprocessor_config.json``)."""
+    for name in CONFIG_FILES:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file, encoding="utf-8") as f:
+                try:
+                    return json.load(f)
+                except json.JSONDecodeError as e:
+                    raise TokenmemError(f"{file} is not valid JSON ({e}); restore the model's processor files "
+                                        "(processor.save_pretrained(path))") from None
+    raise TokenmemError(f"no {' or '.join(CONFIG_FILES)} in {path!r}: save the model's processor there "
+                        "(processor.save_pretrained(path)) so frames are prepared as the model was trained")
 
 
 def rescale_and_normalize(video: torch.Tensor, c: dict) -> torch.Tensor:

@@ -230,8 +230,8 @@ def main() -> None:
         f"- {args.new_tokens} new tokens per answer, median of {args.repeats}; evictors at budgets "
         f"{', '.join(f'{b:g}' for b in args.budgets)} (fractions of the tokens seen), "
         f"prefill chunk {args.chunk}, interval {args.interval}", "",
-        "| model | frames | video tokens | evictor | budget | seen | held/layer | KV held (MiB) | KV vs full | peak KV (MiB) | "
-        "peak RSS (MiB) | s/answer |",
+        "| model | frames | video tokens | evictor | budget | seen | held/layer | KV held (MiB) | KV vs full | "
+        "peak KV (MiB) | peak RSS (MiB) | s/answer |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

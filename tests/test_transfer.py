@@ -119,7 +119,8 @@ def test_shipped_report_is_regenerated_from_its_json(tmp_path):
 
 @pytest.mark.slow
 def test_bench_smoke_runs_every_modality_on_the_shipped_models(tmp_path, capsys):
-    """The CI's reduced set: full and the language-trained NAMM at 25% on language, video and RL."""
+    """The CI's reduced set: full and the language-trained NAMM at 25% on language, video (both shipped video
+    models: LLaVA-NeXT-Video and Qwen2-VL) and RL."""
     readme = tmp_path / "README.md"
     readme.write_text("<!-- transfer:begin -->\n<!-- transfer:end -->\n")
     out = tmp_path / "bench"
@@ -134,13 +135,17 @@ def test_bench_smoke_runs_every_modality_on_the_shipped_models(tmp_path, capsys)
         else:
             assert r["kv_fraction"] <= 0.25 + 0.05  # the budget (the newest chunk or step may sit on top)
         assert r["throughput"] > 0 and r["items"] > 0
-    video = next(r for r in report["rows"] if r["modality"] == "video" and r["evictor"] == "namm")
-    assert 0 <= video["details"]["event_token_share"] <= 1 and len(video["details"]["example_clip"]["frame_kept"]) == 24
+    for modality in ("video", "video-qwen2vl"):  # per video frame for both (a Qwen2-VL temporal patch covers two)
+        video = next(r for r in report["rows"] if r["modality"] == modality and r["evictor"] == "namm")
+        assert 0 <= video["details"]["event_token_share"] <= 1
+        assert len(video["details"]["example_clip"]["frame_kept"]) == 24
     rl = next(r for r in report["rows"] if r["modality"] == "rl" and r["evictor"] == "namm")
     assert abs(sum(rl["details"]["kept_types"].values()) - 1) < 1e-3
-    for name in ("transfer.md", "transfer_score_vs_kv.png", "transfer_video_frames.png", "transfer_rl_kept.png"):
+    for name in ("transfer.md", "transfer_score_vs_kv.png", "transfer_video_frames.png",
+                 "transfer_video_qwen2vl_frames.png", "transfer_rl_kept.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "transfer_score_vs_kv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = readme.read_text()
-    assert "**video**" in text and "Claims checked on these rows" in text and "transfer_rl_kept.png" in text
+    assert "**video**" in text and "**video-qwen2vl**" in text and "Claims checked on these rows" in text
+    assert "transfer_rl_kept.png" in text and "transfer_video_qwen2vl_frames.png" in text
     assert "tokenmem bench --smoke" in capsys.readouterr().out

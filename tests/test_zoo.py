@@ -214,7 +214,8 @@ def test_demo_runs_every_evictor_and_the_bank_recovers_the_value(capsys):
         for label in ("full", "h2o", "namm (language scorer)"):
             assert label in rows, out
         assert rows["full"].count("(ok)") >= 2  # the shipped model answers the clip (three questions)
-        kv = {label: int(rows[label].split(" | ")[2].rstrip("%")) for label in ("full", "h2o", "namm (language scorer)")}
+        kv = {label: int(rows[label].split(" | ")[2].rstrip("%"))
+              for label in ("full", "h2o", "namm (language scorer)")}
         assert kv["full"] == 100 and kv["h2o"] <= 35 and kv["namm (language scorer)"] <= 35  # 25% + the newest chunk
         assert "namm kept of each frame" in video
     # the Hopper episode of the shipped Decision Transformer: full history, then NAMM at 60 tokens

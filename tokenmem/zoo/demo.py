@@ -2,7 +2,8 @@
 
 :func:`run` loads the language model tokenmem trains and ships (``tokenmem/zoo/models/stdlib-llama``) with
 the real ``from_pretrained`` and runs two held-out prompts under every evictor; :func:`video` asks each shipped
-video model (LLaVA-NeXT-Video and Qwen2-VL) three questions about a generated clip, full cache vs h2o and the language-trained NAMM scorer at 25%;
+video model (LLaVA-NeXT-Video and Qwen2-VL) three questions about a generated clip, full cache vs h2o and the
+language-trained NAMM scorer at 25%;
 :func:`hopper` then rolls out the shipped Decision Transformer for one Hopper-v5 episode, full history vs the
 same scorer at 60 tokens.
 

@@ -102,12 +102,9 @@ def build_model(spec, tok, seed: int):
             for name, p in model.model.language_model.named_parameters():
                 if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
                     p.zero_()
-    model.tie_weights()
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.bos_token_id = tok.bos_token_id
-    model.config._attn_implementation = "sdpa"
-    return model
+    from .video_model import finish
+
+    return finish(model, tok)
 
 
 @torch.no_grad()

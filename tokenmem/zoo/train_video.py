@@ -53,6 +53,17 @@ Regenerate the shipped model (50 min of training plus half a minute of evaluatio
 
 (``--resume`` continues from ``checkpoint.pt`` after a kill; rerunning the same command after the end only
 evaluates and exports again.)
+
+``--arch qwen2vl`` trains the second shipped video model, ``shapes-qwen2vl-video``: the real
+``Qwen2VLForConditionalGeneration`` (:mod:`tokenmem.zoo.qwen2vl_model`: a Qwen2-VL vision tower of hidden 64 and 2
+layers trained from scratch on the same clips resized to 84 x 84 px, 14 px patches over 2 frames, 2 x 2 merged into
+9 tokens per temporal patch, 108 video tokens per clip; ``stdlib-llama`` as its language model with M-RoPE
+positions), with the same task, questions, held-out clips, schedule and learning rates; the packed rows carry
+M-RoPE position ids from the model's ``get_rope_index``, the answers continuing one position after the prompt's
+last token as ``generate`` continues them::
+
+    python -m tokenmem.zoo.train_video --arch qwen2vl --out ~/.cache/tokenmem/qwen2vl-video --minutes 50 --seed 0 \
+        --resume --threads 1 --lr 5e-4 --lr-lm 2.5e-4 --eval-minutes 3 --export tokenmem/zoo/models/shapes-qwen2vl-video
 """
 
 from __future__ import annotations

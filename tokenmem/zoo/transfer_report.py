@@ -93,8 +93,9 @@ def claims(report: dict) -> list[str]:
                 d = r["details"]
                 first = "keeps event frames first" if d["event_token_share"] > d["event_frame_share"] else \
                     "does not favour event frames"
-                out.append(f"- {modality}, {r['evictor']} at {r['budget']:.0%}: {d['event_token_share']:.0%} of the held video "
-                           f"tokens are on event frames, which are {d['event_frame_share']:.0%} of the video: {first}.")
+                out.append(f"- {modality}, {r['evictor']} at {r['budget']:.0%}: {d['event_token_share']:.0%} of the "
+                           f"held video tokens are on event frames, which are {d['event_frame_share']:.0%} of the "
+                           f"video: {first}.")
     return out
 
 

@@ -113,6 +113,11 @@ def build_model(spec: Spec, tok, seed: int):
     _fan_in_init(model)
     if lm is not None:
         model.model.language_model.load_state_dict(lm.model.state_dict())
+    return finish(model, tok)
+
+
+def finish(model, tok):
+    """Tie the embeddings, set the generation config's special tokens from ``tok`` and sdpa attention."""
     model.tie_weights()
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
