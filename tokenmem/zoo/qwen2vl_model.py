@@ -77,15 +77,16 @@ def build_model(spec, tok, seed: int):
     else:
         raise TokenmemError(f"unknown language model {spec.lm!r}; use 'stdlib' or 'tiny'")
     head_dim = text["hidden_size"] // text["num_attention_heads"]
-    if sum(MROPE_SECTION) * 2 != head_dim:
-        raise TokenmemError(f"mrope_section {MROPE_SECTION} needs head dim {2 * sum(MROPE_SECTION)}, got {head_dim}")
+    section = tuple(spec.mrope_section or MROPE_SECTION)
+    if sum(section) * 2 != head_dim:
+        raise TokenmemError(f"mrope_section {section} needs head dim {2 * sum(section)}, got {head_dim}")
     ids = tok.convert_tokens_to_ids([IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END])
     theta = text.pop("rope_theta")
     config = Qwen2VLConfig(
         text_config=dict(vocab_size=len(tok), **text, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                          rope_parameters={"rope_type": "default", "rope_theta": theta,
-                                          "mrope_section": list(MROPE_SECTION)}),
+                                          "mrope_section": list(section)}),
         vision_config=dict(depth=spec.vision_layers, embed_dim=spec.vision_hidden, hidden_size=text["hidden_size"],
                            num_heads=max(1, spec.vision_hidden // 16), mlp_ratio=2, patch_size=PATCH,
                            spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, in_channels=3),

@@ -206,8 +206,13 @@ def _optimise(model, opt, encoder: "Encoder", args, spec: Spec, step: int, progr
 def train(args) -> Path | None:
     from tqdm import tqdm
 
-    spec = Spec(**{**(TINY if args.tiny else {}), **({"frames": args.frames} if args.frames else {}),
-                   "arch": args.arch})
+    sizes = {k: v for k, v in (("frames", args.frames), ("vision_layers", args.vision_layers),
+                                ("vision_hidden", args.vision_hidden)) if v}
+    if args.mrope_section:
+        if args.arch != "qwen2vl":
+            raise TokenmemError("--mrope-section is a Qwen2-VL setting: add --arch qwen2vl")
+        sizes["mrope_section"] = tuple(args.mrope_section)
+    spec = Spec(**{**(TINY if args.tiny else {}), **sizes, "arch": args.arch})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -345,6 +350,11 @@ def main(argv=None) -> Path | None:
                         "Qwen2VLForConditionalGeneration (shapes-qwen2vl-video)")
     p.add_argument("--tiny", action="store_true", help="a tiny random model and 16-frame clips (tests)")
     p.add_argument("--frames", type=int, default=None, help="frames per clip (default 24; 16 with --tiny)")
+    p.add_argument("--vision-layers", type=int, default=None, help="vision tower layers (default 2)")
+    p.add_argument("--vision-hidden", type=int, default=None, help="vision tower width (default 64)")
+    p.add_argument("--mrope-section", type=int, nargs=3, default=None, metavar=("T", "H", "W"),
+                   help="Qwen2-VL: rotary frequencies given to the temporal, height and width axes, highest first "
+                        "(sum: head dim / 2 = 16; default 4 6 6)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--stop-after", type=int, default=None,
                    help="leave after this many steps of this invocation, as if killed (to test --resume)")

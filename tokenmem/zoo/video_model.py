@@ -28,6 +28,7 @@ class Spec:
     vision_layers: int = 2
     lm: str = "stdlib"  # "stdlib": initialise from the shipped stdlib-llama; "tiny": a random 2-layer Llama (tests)
     arch: str = "llava"  # "llava": LlavaNextVideoForConditionalGeneration; "qwen2vl": Qwen2VLForConditionalGeneration
+    mrope_section: tuple | None = None  # Qwen2-VL: rotary frequencies per (t, h, w) axis; None: qwen2vl_model's
 
     def __post_init__(self):
         if self.arch not in ARCHS:
