@@ -36,24 +36,12 @@ from tokenmem.files import load_pretrained
 
 from .base import Prompt
 from .qwen2vl_frames import Qwen2VLFramePreprocessor
-from .video import VideoInputs, VideoQA
+from .video import VideoInputs, VideoQA, model_type
 from .video_io import Clip
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 FALLBACK_PROMPT = ("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>{question}<|im_end|>\n"
                    "<|im_start|>assistant\n")
-
-
-def model_type(path: str) -> str | None:
-    """``model_type`` of the ``config.json`` in a local model directory (None without one)."""
-    file = os.path.join(path, "config.json")
-    if not os.path.isfile(file):
-        return None
-    with open(file, encoding="utf-8") as f:
-        try:
-            return json.load(f).get("model_type")
-        except json.JSONDecodeError as e:
-            raise TokenmemError(f"{file} is not valid JSON ({e}); restore the model's config.json") from None
 
 
 def load_qwen2_vl(path: str, *, dtype: torch.dtype | str = torch.float32, **kwargs):

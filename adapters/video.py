@@ -58,6 +58,10 @@ def load_llava_next_video(path: str, *, dtype: torch.dtype | str = torch.float32
     if not os.path.isdir(path):
         raise TokenmemError(f"model path {path!r} is not a local directory; tokenmem loads models with "
                             "from_pretrained on a local path (model, tokenizer and processor files saved there)")
+    kind = model_type(path)
+    if kind in ("qwen2_vl", "qwen2_5_vl"):
+        raise TokenmemError(f"{path!r} holds a {kind!r} model: use tokenmem.adapters.qwen2vl.Qwen2VLVideoQA (or "
+                            "video_qa(path, ...), which picks the adapter by the model's type)")
     model = load_pretrained(LlavaNextVideoForConditionalGeneration.from_pretrained, path, dtype=dtype, **kwargs).eval()
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path)
     template = tokenizer.chat_template
@@ -66,6 +70,18 @@ def load_llava_next_video(path: str, *, dtype: torch.dtype | str = torch.float32
         with open(legacy, encoding="utf-8") as f:
             template = json.load(f).get("chat_template")
     return model, tokenizer, FramePreprocessor.from_pretrained(path), template
+
+
+def model_type(path: str) -> str | None:
+    """``model_type`` of the ``config.json`` in a local model directory (None without one)."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        return None
+    with open(file, encoding="utf-8") as f:
+        try:
+            return json.load(f).get("model_type")
+        except json.JSONDecodeError as e:
+            raise TokenmemError(f"{file} is not valid JSON ({e}); restore the model's config.json") from None
 
 
 @dataclass

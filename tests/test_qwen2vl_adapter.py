@@ -160,6 +160,8 @@ def test_video_qa_picks_the_adapter_by_model_type(qwen_dir, tiny_llava_dir):  # 
 
     assert type(video_qa(qwen_dir)) is Qwen2VLVideoQA
     assert type(video_qa(tiny_llava_dir)) is VideoQA
+    with pytest.raises(TokenmemError, match="use tokenmem.adapters.qwen2vl.Qwen2VLVideoQA"):
+        VideoQA(qwen_dir)
     with pytest.raises(TokenmemError, match="Qwen2-VL or Qwen2.5-VL"):
         Qwen2VLVideoQA(VideoQA(tiny_llava_dir).model, tokenizer=object(), preprocessor=object())
 
