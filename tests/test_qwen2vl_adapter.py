@@ -216,3 +216,60 @@ def test_tiny_qwen2_5_vl_equals_plain_generate(qwen_dir, clips):
         assert torch.equal(ours.sequences, reference.sequences)
         for a, b in zip(ours.logits, reference.logits):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_training_rows_give_the_logits_of_generate(qwen_dir):
+    """The trainer's packed rows (three questions sharing one video, M-RoPE positions from get_rope_index, answers
+    one position on from the prompt's last token) give, at every answer token, the logits that Qwen2VLVideoQA's
+    generate gives when it is forced along the same answer: the model trains on what it answers at inference."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    spec = vm.Spec(arch="qwen2vl", **vm.TINY)
+    qa = Qwen2VLVideoQA(qwen_dir, "full", frames=FRAMES)
+    encoder = vm.Encoder(qa.tokenizer, spec, qa.model)
+    clips = task.clips("train", 2, num_frames=FRAMES, size=48)
+    inputs, labels = encoder.packed(clips)
+    with torch.no_grad():
+        packed = qa.model(**inputs).logits[:, :-1][labels[:, 1:] != -100]  # [answer tokens, vocab]
+
+    class Force(LogitsProcessor):
+        def __init__(self, tokens):
+            self.tokens, self.step = tokens, 0
+
+        def __call__(self, input_ids, scores):
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, self.tokens[self.step]] = 0
+            self.step += 1
+            return forced
+
+    forced = []
+    for clip in clips:
+        for kind, question in task.QUESTIONS.items():
+            answer = encoder.answers[clip.answer(kind)]
+            prompt = qa.prompt_of(qa.encode([qa.load(clip.frames)], [question]))
+            out = qa.generate_prompt(prompt, qa.memory(), max_new_tokens=len(answer), output_logits=True,
+                                     return_dict_in_generate=True, logits_processor=LogitsProcessorList([Force(answer)]))
+            assert out.sequences[0, prompt.length:].tolist() == answer
+            forced += [step[0] for step in out.logits]
+    torch.testing.assert_close(packed, torch.stack(forced), rtol=1e-4, atol=1e-4)
+
+
+def test_trainer_runs_the_qwen2vl_architecture(tmp_path):
+    """``train_video --arch qwen2vl`` trains, saves a from_pretrained directory of a Qwen2-VL with the asked vision
+    depth and M-RoPE sections, and evaluates it through Qwen2VLVideoQA; an M-RoPE section without it is refused."""
+    import json
+
+    from tokenmem.zoo.train_video import main
+
+    final = main(["--arch", "qwen2vl", "--tiny", "--out", str(tmp_path / "run"), "--max-steps", "3", "--threads", "1",
+                  "--quiet", "--eval-minutes", "100", "--final-clips", "2", "--vision-layers", "2",
+                  "--mrope-section", "2", "3", "11"])
+    config = json.loads((final / "config.json").read_text())
+    assert config["model_type"] == "qwen2_vl" and config["vision_config"]["depth"] == 2
+    assert config["text_config"]["rope_parameters"]["mrope_section"] == [2, 3, 11]
+    card = json.loads((final / "training.json").read_text())
+    assert card["steps"] == 3 and card["spec"]["arch"] == "qwen2vl" and card["video_tokens_per_clip"] == 72
+    assert set(card["heldout_accuracy_full_cache"]) >= set(task.QUESTIONS)
+    assert type(video_qa(str(final))) is Qwen2VLVideoQA
+    with pytest.raises(TokenmemError, match="add --arch qwen2vl"):
+        main(["--tiny", "--out", str(tmp_path / "llava"), "--max-steps", "1", "--mrope-section", "2", "3", "11"])
