@@ -167,8 +167,8 @@ def main(argv=None) -> int:
         f"Python {platform.python_version()})",
         "",
         "`python benchmarks/faults.py` (runs `tests/test_faults.py` and the tests named below: "
-        f"{passed} of {cases} test cases passed, {seconds:.0f} s wall, on a machine whose two cores were busy with "
-        "a NAMM evolution; the times below are that run's).",
+        f"{passed} of {cases} test cases passed, {seconds:.0f} s wall, load average {os.getloadavg()[0]:.1f} at the "
+        "end; the times below are that run's).",
         "",
         "Rows from `tests/test_faults.py` say what that run observed (the step a trainer was killed at, the first "
         "words of the error); the others say what their test asserts. Every error is a `TokenmemError` subclass, "
