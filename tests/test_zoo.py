@@ -196,7 +196,7 @@ def test_demo_runs_every_evictor_and_the_bank_recovers_the_value(capsys):
     language, rest = out.split("\nVideo QA:", 1)
     videos, hopper = rest.split("\nDecision Transformer:", 1)
     llava, qwen = videos.split("\nVideo QA:", 1)
-    assert "(LLaVA-NeXT-Video architecture" in llava and "(Qwen2-VL; a temporal patch covers 2 frames" in qwen
+    assert "(LLaVA-NeXT-Video architecture" in llava and "(Qwen2-VL architecture, a temporal patch covers 2 frames" in qwen
 
     def table(text):
         return {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
@@ -216,7 +216,7 @@ def test_demo_runs_every_evictor_and_the_bank_recovers_the_value(capsys):
         assert rows["full"].count("(ok)") >= 2  # the shipped model answers the clip (three questions)
         kv = {label: int(rows[label].split(" | ")[2].rstrip("%"))
               for label in ("full", "h2o", "namm (language scorer)")}
-        assert kv["full"] == 100 and kv["h2o"] <= 35 and kv["namm (language scorer)"] <= 35  # 25% + the newest chunk
+        assert kv["full"] == 100 and kv["h2o"] <= 30 and kv["namm (language scorer)"] <= 30  # 25% + the newest chunk
         assert "namm kept of each frame" in video
     # the Hopper episode of the shipped Decision Transformer: full history, then NAMM at 60 tokens
     rows = table(hopper)

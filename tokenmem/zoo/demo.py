@@ -174,11 +174,12 @@ def video(model_path: str | None = None, budget: float = 0.25, clip_index: int =
     if arch not in ("llava", "qwen2vl"):
         raise TokenmemError(f"demo video arch must be 'llava' or 'qwen2vl', got {arch!r}")
     path = str(model_path or (video_qwen2vl_path() if arch == "qwen2vl" else video_lm_path()))
-    name = "Qwen2-VL; a temporal patch covers 2 frames" if arch == "qwen2vl" else "LLaVA-NeXT-Video"
+    name = ("Qwen2-VL architecture, a temporal patch covers 2 frames" if arch == "qwen2vl"
+            else "LLaVA-NeXT-Video architecture")
     clip = task.make_clip(task.heldout_seed(clip_index))
     frames = clip.frames.shape[0]
     events = ", ".join(f"{t}: {k}" for t, k in clip.event_kinds.items())
-    print(f"\nVideo QA: {path} ({name} architecture, trained here), held-out clip {clip.seed}: {frames} frames, "
+    print(f"\nVideo QA: {path} ({name}, trained here), held-out clip {clip.seed}: {frames} frames, "
           f"events at {events}; every other frame repeats the last one")
     print("\n| memory | budget | KV held | " + " | ".join(task.QUESTIONS) + " | held video tokens on event frames |")
     print("|---|---|---|---|---|---|---|")

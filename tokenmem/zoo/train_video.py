@@ -55,15 +55,20 @@ Regenerate the shipped model (50 min of training plus half a minute of evaluatio
 evaluates and exports again.)
 
 ``--arch qwen2vl`` trains the second shipped video model, ``shapes-qwen2vl-video``: the real
-``Qwen2VLForConditionalGeneration`` (:mod:`tokenmem.zoo.qwen2vl_model`: a Qwen2-VL vision tower of hidden 64 and 2
+``Qwen2VLForConditionalGeneration`` (:mod:`tokenmem.zoo.qwen2vl_model`: a Qwen2-VL vision tower of hidden 64 and 4
 layers trained from scratch on the same clips resized to 84 x 84 px, 14 px patches over 2 frames, 2 x 2 merged into
 9 tokens per temporal patch, 108 video tokens per clip; ``stdlib-llama`` as its language model with M-RoPE
 positions), with the same task, questions, held-out clips, schedule and learning rates; the packed rows carry
 M-RoPE position ids from the model's ``get_rope_index``, the answers continuing one position after the prompt's
 last token as ``generate`` continues them::
 
-    python -m tokenmem.zoo.train_video --arch qwen2vl --out ~/.cache/tokenmem/qwen2vl-video --minutes 50 --seed 0 \
-        --resume --threads 1 --lr 5e-4 --lr-lm 2.5e-4 --eval-minutes 3 --export tokenmem/zoo/models/shapes-qwen2vl-video
+    python -m tokenmem.zoo.train_video --arch qwen2vl --vision-layers 4 --mrope-section 2 3 11 \
+        --out ~/.cache/tokenmem/qwen2vl-video-b --minutes 50 --seed 0 --resume --threads 1 --lr 5e-4 --lr-lm 2.5e-4 \
+        --eval-minutes 3 --export tokenmem/zoo/models/shapes-qwen2vl-video
+
+(5,109 steps in 3,002 s; held-out accuracy through ``Qwen2VLVideoQA(..., "full")`` on 300 clips: colour 100%,
+circle 95.7%, move 100%, all 98.6%. The first run, with 2 vision layers and M-RoPE sections (4, 6, 6), never learned
+the move question: see :mod:`tokenmem.zoo.qwen2vl_model`.)
 """
 
 from __future__ import annotations
@@ -354,7 +359,7 @@ def main(argv=None) -> Path | None:
     p.add_argument("--vision-hidden", type=int, default=None, help="vision tower width (default 64)")
     p.add_argument("--mrope-section", type=int, nargs=3, default=None, metavar=("T", "H", "W"),
                    help="Qwen2-VL: rotary frequencies given to the temporal, height and width axes, highest first "
-                        "(sum: head dim / 2 = 16; default 4 6 6)")
+                        "(sum: head dim / 2 = 16; default 2 3 11)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--stop-after", type=int, default=None,
                    help="leave after this many steps of this invocation, as if killed (to test --resume)")
