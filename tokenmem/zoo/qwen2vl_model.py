@@ -65,8 +65,8 @@ def build_tokenizer():
 
 
 def build_model(spec, tok, seed: int):
-    """A Qwen2VLForConditionalGeneration for ``spec``; its language model copied from stdlib-llama (``spec.lm ==
-    "stdlib"``) or a random 2-layer one (``"tiny"``, tests)."""
+    """A Qwen2VLForConditionalGeneration for ``spec`` (call it through :func:`tokenmem.zoo.video_model.build_model`);
+    its language model copied from stdlib-llama (``spec.lm == "stdlib"``) or a random 2-layer one (``"tiny"``)."""
     from transformers import LlamaForCausalLM, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from . import stdlib_lm_path
@@ -113,9 +113,7 @@ def build_model(spec, tok, seed: int):
             for name, p in model.model.language_model.named_parameters():
                 if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
                     p.zero_()
-    from .video_model import finish
-
-    return finish(model, tok)
+    return model  # video_model.build_model ties the weights and sets the generation config
 
 
 @torch.no_grad()

@@ -85,7 +85,7 @@ def build_model(spec: Spec, tok, seed: int):
     if spec.arch == "qwen2vl":
         from .qwen2vl_model import build_model as build_qwen2vl
 
-        return build_qwen2vl(spec, tok, seed)
+        return finish(build_qwen2vl(spec, tok, seed), tok)
     torch.manual_seed(seed)
     if spec.lm == "stdlib":
         lm = LlamaForCausalLM.from_pretrained(stdlib_lm_path(), dtype=torch.float32)
