@@ -324,7 +324,7 @@ def merge_reports(reports: list[dict]) -> dict:
         raise TokenmemError(f"the reports repeat a modality ({modalities}); merge runs of different modalities")
     merged = dict(first)
     merged["rows"] = [row for r in reports for row in r["rows"]]
-    merged["modalities"] = modalities
+    merged["modalities"] = sorted(modalities, key=lambda m: MODALITIES.index(m) if m in MODALITIES else len(MODALITIES))
     merged["evictors"] = list(dict.fromkeys(e for r in reports for e in r["evictors"]))
     merged["seconds"] = {m: v for r in reports for m, v in r["seconds"].items()}
     merged["total_seconds"] = round(sum(r["total_seconds"] for r in reports), 1)

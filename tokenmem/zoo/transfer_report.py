@@ -193,7 +193,7 @@ def _video_plot(plt, rows, path: Path, modality: str = "video") -> Path:
         ax.axvline(t, color="red", alpha=0.35, linewidth=6)
     ax.set_xlabel("frame (event frames shaded red: app(ear) / rec(olour) / mov(e) / fla(sh))")
     model = "Qwen2-VL; a temporal patch of 2 frames" if modality == "video-qwen2vl" else "LLaVA-NeXT-Video"
-    ax.set_title(f"{model}: share of each frame's tokens held after the prompt, held-out clip seed {example['seed']} "
+    ax.set_title(f"{model}: share of each frame's tokens held after the prompt\nheld-out clip seed {example['seed']} "
                  "(mean over layers and KV heads)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.025)
     share = [r["details"]["event_token_share"] for r in rows]
