@@ -134,8 +134,8 @@ class Qwen2VLVideoQA(VideoQA):
         if self.prefill_chunk is not None:
             inner = self.model.model
             positions, _ = inner.get_rope_index(prompt.input_ids, video_grid_thw=extra["video_grid_thw"],
-                                                     attention_mask=prompt.attention_mask,
-                                                     mm_token_type_ids=extra["mm_token_type_ids"])
+                                                attention_mask=prompt.attention_mask,
+                                                mm_token_type_ids=extra["mm_token_type_ids"])
             # generate continues each row one position after the prompt's last token (its own whole-prompt path
             # steps position_ids by one); get_rope_index's deltas count from the largest position instead, which
             # differs when a video's temporal positions pass the last text token (Qwen2.5-VL's time spacing)
