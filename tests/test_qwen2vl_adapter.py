@@ -273,3 +273,27 @@ def test_trainer_runs_the_qwen2vl_architecture(tmp_path):
     assert type(video_qa(str(final))) is Qwen2VLVideoQA
     with pytest.raises(TokenmemError, match="add --arch qwen2vl"):
         main(["--tiny", "--out", str(tmp_path / "llava"), "--max-steps", "1", "--mrope-section", "2", "3", "11"])
+
+
+@pytest.mark.parametrize("chunk", [None, 32], ids=["whole-prompt", "prefill-chunks-of-32"])
+def test_shipped_qwen2vl_model_equals_plain_generate(chunk):
+    """The shipped shapes-qwen2vl-video model, a batch of two held-out clips with two questions (one row
+    left-padded): Qwen2VLVideoQA with the full cache gives plain generate's answer tokens and logits, and the
+    answers are the clips' truths."""
+    from tokenmem.zoo import video_qwen2vl_path
+
+    path = str(video_qwen2vl_path())
+    shapes = task.clips("heldout", 2, num_frames=24, size=48)
+    questions = [task.QUESTIONS["circle"], task.QUESTIONS["move"]]
+    qa = Qwen2VLVideoQA(path, "full", frames=24, prefill_chunk=chunk)
+    inputs = qa.encode([qa.load(c.frames) for c in shapes], questions)
+    assert inputs.attention_mask.min() == 0
+    reference = plain_generate(plain_model(path), inputs, 6, qa.tokenizer.pad_token_id)
+    ours = qa.generate_prompt(qa.prompt_of(inputs), qa.memory(), prefill_chunk=chunk, max_new_tokens=6,
+                              pad_token_id=qa.tokenizer.pad_token_id, output_logits=True,
+                              return_dict_in_generate=True)
+    assert torch.equal(ours.sequences, reference.sequences)
+    for a, b in zip(ours.logits, reference.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    said = qa.tokenizer.batch_decode(ours.sequences[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    assert [s.strip() for s in said] == [shapes[0].answer("circle"), shapes[1].answer("move")]
