@@ -107,5 +107,5 @@ def test_the_wheel_works_in_a_fresh_environment_outside_the_repository(tmp_path)
     for table in ("| full | all |", "| h2o | 25% |", "| sink + memory bank | 25% |", "| namm (language scorer) | 25% |",
                   "| full history | all |", "| namm (language scorer) | 60 tokens |"):
         assert table in out, out
-    assert "[3/3] done" in out and "skipped" not in out
+    assert "[4/4] done" in out and "skipped" not in out
     assert "FutureWarning" not in out + err and "Loading weights" not in out + err, out + err

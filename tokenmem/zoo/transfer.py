@@ -323,8 +323,10 @@ def merge_reports(reports: list[dict]) -> dict:
     if len(set(modalities)) != len(modalities):
         raise TokenmemError(f"the reports repeat a modality ({modalities}); merge runs of different modalities")
     merged = dict(first)
-    merged["rows"] = [row for r in reports for row in r["rows"]]
-    merged["modalities"] = sorted(modalities, key=lambda m: MODALITIES.index(m) if m in MODALITIES else len(MODALITIES))
+    order = sorted(modalities, key=lambda m: MODALITIES.index(m) if m in MODALITIES else len(MODALITIES))
+    rows = [row for r in reports for row in r["rows"]]
+    merged["rows"] = sorted(rows, key=lambda row: order.index(row["modality"]))  # stable: each run's order kept
+    merged["modalities"] = order
     merged["evictors"] = list(dict.fromkeys(e for r in reports for e in r["evictors"]))
     merged["seconds"] = {m: v for r in reports for m, v in r["seconds"].items()}
     merged["total_seconds"] = round(sum(r["total_seconds"] for r in reports), 1)
