@@ -58,6 +58,19 @@ def plain_generate(model, inputs, new: int, pad: int):
                               do_sample=False, pad_token_id=pad, output_logits=True, return_dict_in_generate=True)
 
 
+def assert_equals_plain_generate(qa, inputs, plain, new: int, chunk):
+    """``qa``'s generate under a full memory gives ``plain`` generate's tokens and logits (1e-4); returns the
+    reference output."""
+    pad = qa.tokenizer.pad_token_id
+    reference = plain_generate(plain, inputs, new, pad)
+    ours = qa.generate_prompt(qa.prompt_of(inputs), qa.memory(), prefill_chunk=chunk, max_new_tokens=new,
+                              pad_token_id=pad, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(ours.sequences, reference.sequences)
+    for a, b in zip(ours.logits, reference.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    return reference
+
+
 @pytest.mark.parametrize("evictor,budget,chunk", [("full", None, None), ("full", None, 32), ("sink", 100_000, None),
                                                   ("h2o", 100_000, 32)])
 def test_answers_and_logits_equal_plain_generate(qwen_dir, clips, evictor, budget, chunk):
@@ -67,13 +80,7 @@ def test_answers_and_logits_equal_plain_generate(qwen_dir, clips, evictor, budge
     qa = Qwen2VLVideoQA(qwen_dir, evictor, budget, frames=FRAMES, prefill_chunk=chunk)
     inputs = qa.encode([qa.load(c) for c in clips], QUESTIONS)
     assert inputs.attention_mask[0].min() == 0  # the shorter question is padded
-    reference = plain_generate(plain_model(qwen_dir), inputs, 10, qa.tokenizer.pad_token_id)
-    ours = qa.generate_prompt(qa.prompt_of(inputs), qa.memory(), prefill_chunk=chunk, max_new_tokens=10,
-                              pad_token_id=qa.tokenizer.pad_token_id, output_logits=True,
-                              return_dict_in_generate=True)
-    assert torch.equal(ours.sequences, reference.sequences)
-    for a, b in zip(ours.logits, reference.logits):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    reference = assert_equals_plain_generate(qa, inputs, plain_model(qwen_dir), 10, chunk)
     answers = qa.ask_many(clips, QUESTIONS, max_new_tokens=10)
     for row, answer in enumerate(answers):
         assert torch.equal(answer.tokens, reference.sequences[row, inputs.input_ids.shape[1]:])
@@ -210,12 +217,7 @@ def test_tiny_qwen2_5_vl_equals_plain_generate(qwen_dir, clips):
                             preprocessor=Qwen2VLFramePreprocessor(**frame_config()), chat_template=tok.chat_template,
                             prefill_chunk=chunk)
         inputs = qa.encode([qa.load(c) for c in clips], QUESTIONS)
-        reference = plain_generate(plain, inputs, 8, tok.pad_token_id)
-        ours = qa.generate_prompt(qa.prompt_of(inputs), qa.memory(), prefill_chunk=chunk, max_new_tokens=8,
-                                  pad_token_id=tok.pad_token_id, output_logits=True, return_dict_in_generate=True)
-        assert torch.equal(ours.sequences, reference.sequences)
-        for a, b in zip(ours.logits, reference.logits):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert_equals_plain_generate(qa, inputs, plain, 8, chunk)
 
 
 def test_packed_training_rows_give_the_logits_of_generate(qwen_dir):
@@ -288,12 +290,6 @@ def test_shipped_qwen2vl_model_equals_plain_generate(chunk):
     qa = Qwen2VLVideoQA(path, "full", frames=24, prefill_chunk=chunk)
     inputs = qa.encode([qa.load(c.frames) for c in shapes], questions)
     assert inputs.attention_mask.min() == 0
-    reference = plain_generate(plain_model(path), inputs, 6, qa.tokenizer.pad_token_id)
-    ours = qa.generate_prompt(qa.prompt_of(inputs), qa.memory(), prefill_chunk=chunk, max_new_tokens=6,
-                              pad_token_id=qa.tokenizer.pad_token_id, output_logits=True,
-                              return_dict_in_generate=True)
-    assert torch.equal(ours.sequences, reference.sequences)
-    for a, b in zip(ours.logits, reference.logits):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    said = qa.tokenizer.batch_decode(ours.sequences[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    reference = assert_equals_plain_generate(qa, inputs, plain_model(path), 6, chunk)
+    said = qa.tokenizer.batch_decode(reference.sequences[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
     assert [s.strip() for s in said] == [shapes[0].answer("circle"), shapes[1].answer("move")]
