@@ -36,10 +36,10 @@ from tokenmem.files import load_pretrained
 
 from .base import Prompt
 from .qwen2vl_frames import Qwen2VLFramePreprocessor
+from .video import QWEN2VL_MODEL_TYPES as MODEL_TYPES
 from .video import VideoInputs, VideoQA, model_type
 from .video_io import Clip
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 FALLBACK_PROMPT = ("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>{question}<|im_end|>\n"
                    "<|im_start|>assistant\n")
 

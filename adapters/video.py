@@ -40,6 +40,7 @@ from .video_frames import FramePreprocessor, video_token_count
 from .video_io import Clip, read_video
 from .video_report import FrameReport
 
+QWEN2VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")  # the model types tokenmem.adapters.qwen2vl answers with
 EVICT_UNITS = {"token": "token", "frame": "segment"}  # adapter option -> TokenMemory(evict_unit=...)
 FALLBACK_PROMPT = "USER: <video>\n{question} ASSISTANT:"
 # The prompt format of the LLaVA-NeXT-Video checkpoints ("USER: <video>\n{question} ASSISTANT:") as a chat template.
@@ -59,7 +60,7 @@ def load_llava_next_video(path: str, *, dtype: torch.dtype | str = torch.float32
         raise TokenmemError(f"model path {path!r} is not a local directory; tokenmem loads models with "
                             "from_pretrained on a local path (model, tokenizer and processor files saved there)")
     kind = model_type(path)
-    if kind in ("qwen2_vl", "qwen2_5_vl"):
+    if kind in QWEN2VL_MODEL_TYPES:
         raise TokenmemError(f"{path!r} holds a {kind!r} model: use tokenmem.adapters.qwen2vl.Qwen2VLVideoQA (or "
                             "video_qa(path, ...), which picks the adapter by the model's type)")
     model = load_pretrained(LlavaNextVideoForConditionalGeneration.from_pretrained, path, dtype=dtype, **kwargs).eval()
