@@ -15,10 +15,9 @@ computes no attention mass and keeps no attention rows for it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tokenmem.evictor import Evictor, LayerView, register_evictor
-from tokenmem.scoring import average_heads
+from tokenmem.scoring import average_heads, key_distinctiveness
 
 
 @register_evictor("keydiff")
@@ -32,11 +31,8 @@ class KeyDiffEvictor(Evictor):
         self.average_heads = average_heads
 
     def score(self, view: LayerView) -> torch.Tensor:
-        keys = view.keys.float()  # [b, h, n, d]
         valid = view.meta.valid  # [b, h, n]
-        unit = F.normalize(keys, p=2, dim=-1) * valid[..., None]
-        anchor = unit.sum(2, keepdim=True) / valid.sum(-1)[..., None, None].clamp(min=1)  # [b, h, 1, d]
-        scores = -F.cosine_similarity(keys, anchor, dim=-1)
+        scores = key_distinctiveness(view.keys, valid)
         return average_heads(scores, valid) if self.average_heads else scores
 
     def __repr__(self) -> str:

@@ -254,3 +254,58 @@ def test_namm_batch_rows_match_their_single_runs():
                 batch_set = set((meta_b.position[row, head][meta_b.valid[row, head]] - pad).tolist())
                 alone_set = set(layer.meta.position[0, head][layer.meta.valid[0, head]].tolist())
                 assert batch_set == alone_set, (row, head)
+
+
+# -- the key feature (NAMMConfig(key_diff=True), the v3 scorer) -------------------------------------------------------
+def test_key_feature_is_off_for_the_shipped_v1_v2_configs_and_round_trips(tmp_path):
+    cfg = NAMMConfig(interval=128)
+    assert "key_diff" not in cfg.to_dict() and cfg.features == 25  # v1/v2 files and checkpoints are unchanged
+    for name in ("language-v1", "language"):
+        assert NAMM.pretrained(name).config.features in (25, 26)
+    on = NAMMConfig(interval=128, key_diff=True)
+    assert on.to_dict()["key_diff"] is True and on.features == 26
+    namm = NAMM(on, initial_params(on) + 0.01)
+    namm.save(tmp_path / "s")
+    back = NAMM.from_file(tmp_path / "s")
+    assert back.config == on and torch.equal(back.params, namm.params)
+
+
+def test_key_feature_initial_scorer_ranks_tokens_as_keydiff():
+    """The v3 search starts from a scorer that is ``2 + KeyDiff's score`` on every token: under a budget it ranks
+    tokens as KeyDiff does (checked on every view the memory scores; the kept sets can still differ from the
+    ``keydiff`` evictor's, since NAMM protects the newest token and updates every ``interval`` tokens)."""
+    from plugins.keydiff import KeyDiffEvictor
+
+    gaps = []
+
+    class Both(NAMM):
+        def score(self, view):
+            s = super().score(view)
+            k = KeyDiffEvictor().score(view)
+            gaps.append(float((s - 2.0 - k)[view.meta.valid].abs().max()))
+            return s
+
+    cfg = NAMMConfig(interval=16, key_diff=True)
+    model = tiny_model("llama")
+    ids = torch.randint(3, 300, (2, 96), generator=torch.Generator().manual_seed(0))
+    memory = tokenmem.TokenMemory(model, Both(cfg), budget=32)
+    with torch.no_grad():
+        for s in range(0, 96, 16):
+            model(ids[:, s : s + 16], **cache_kwargs(model, memory), use_cache=True)
+    assert len(gaps) >= 5 and max(gaps) < 1e-5, gaps
+    assert max(memory.stats()["held"]) <= 32 + 15
+
+
+def test_key_feature_initial_scorer_without_budget_matches_dynamic_cache():
+    base = tiny_model("llama")
+    ids, mask = padded_batch(2, 70, seed=1)
+    with torch.no_grad():
+        ref = base.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, output_logits=True,
+                            return_dict_in_generate=True)
+        model = twin(base)
+        memory = tokenmem.TokenMemory(model, NAMM(NAMMConfig(interval=32, key_diff=True)))
+        out = model.generate(ids, attention_mask=mask, **cache_kwargs(model, memory), max_new_tokens=30,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert memory.stats()["evictions"] >= 2
+    assert torch.equal(ref.sequences, out.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(ref.logits, out.logits)) < 1e-5

@@ -8,6 +8,7 @@ equal-length, from the evolve split only, and disjoint by file from the eval spl
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -144,3 +145,61 @@ def test_the_shipped_fitness_set_is_equal_length_and_from_the_evolve_split_only(
     used = {r["file"] for name in ("code-completion", "perplexity") for r in load_records(name, "eval") if "file" in r}
     assert used <= eval_files
     assert math.isclose(sum(len(r["answer_ids"]) > 0 for r in namm_fitness.load("code-completion")), 32)
+
+
+def test_v3_retrieval_prompts_are_laid_out_as_the_eval_split():
+    """``retrieval-early``: the value near the start (as in the eval split's retrieval prompts), one length per
+    distance (so batches need no padding), the definition intact and the answer the value's digits."""
+    from transformers import AutoTokenizer
+
+    from tokenmem.zoo import namm_fitness, stdlib_lm_path
+    from tokenmem.zoo.lm_tasks import load_records
+
+    tok = AutoTokenizer.from_pretrained(stdlib_lm_path())
+    records = namm_fitness.load("retrieval-early")
+    assert len(records) >= 32
+    for d in namm_fitness.EARLY_DISTANCES:
+        mine = [r for r in records if r["distance"] == d]
+        assert len(mine) >= 8 and {len(r["input_ids"]) for r in mine} == {d + namm_fitness.EARLY_EXTRA}
+    for r in records:
+        assert namm_fitness.EARLY_LEAD <= r["definition_at"] <= 128
+        head = tok.decode(r["input_ids"][: r["definition_at"] + 16])
+        assert "_SECRET_" in head and f"= {r['answer']}" in head, head[-80:]
+        assert tok.decode(r["input_ids"] + r["answer_ids"]).endswith("== " + r["answer"])
+    eval_starts = [len(tok(r["text"][: r["text"].index("_SECRET_")], add_special_tokens=False)["input_ids"])
+                   for r in load_records("retrieval", "eval")]
+    early = [r["definition_at"] for r in records]
+    assert max(early) <= max(eval_starts) + 32 and min(eval_starts) <= 128  # the same region of the prompt
+    task_names = [t.name for t in namm_fitness.tasks(model=object(), limit=4, version="v3")]
+    assert task_names == ["code-completion@25", "retrieval-early@25", "perplexity@25",
+                          "code-completion@50", "retrieval-early@50", "perplexity@50"]
+    with pytest.raises(TokenmemError, match="unknown NAMM fitness version"):
+        namm_fitness.tasks(model=object(), version="v9")
+
+
+def test_shipping_keeps_the_previous_scorer_loadable_under_its_version(tmp_path, monkeypatch):
+    import shutil
+
+    import tokenmem.zoo as zoo
+    from tokenmem.plugins.namm import NAMM, NAMMConfig
+    from tokenmem.plugins.namm.scorer import initial_params
+    from tokenmem.zoo import evolve_language
+
+    scorers = tmp_path / "scorers"
+    for name in ("language", "language-v1"):
+        shutil.copytree(zoo.SCORERS_DIR / name, scorers / name)
+    monkeypatch.setattr(zoo, "SCORERS_DIR", scorers)
+    run = tmp_path / "run"
+    cfg = NAMMConfig(interval=128, key_diff=True)
+    NAMM(cfg, initial_params(cfg)).save(run)
+    log = json.loads((zoo.SCORERS_DIR / "language" / "evolution.json").read_text())
+    log.pop("scorer_version", None)
+    (run / "evolution.json").write_text(json.dumps(log))
+    evolve_language.ship(run, "v3")
+    assert NAMM.from_file(scorers / "language").config.key_diff
+    assert not NAMM.from_file(scorers / "language-v2").config.key_diff  # the v2 scorer moved, unchanged
+    assert json.loads((scorers / "language" / "evolution.json").read_text())["scorer_version"] == "v3"
+    assert evolve_language.shipped_version(scorers / "language-v2") == "v2"
+    assert (scorers / "language" / "fitness_curve.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="already holds a v3 scorer"):
+        evolve_language.ship(run, "v3")

@@ -2,6 +2,8 @@
 and the budget allocators (PyramidKV, AdaKV): written once here, used by every plugin.
 
 * :func:`window_attention` -- mean attention the newest queries paid to each key (``view.rows``);
+* :func:`key_distinctiveness` -- minus the cosine of each key with its head's mean key (KeyDiff; NAMM's optional
+  key feature);
 * :func:`pool_tokens` -- 1-D average / max pooling of scores over neighbouring slots (SnapKV's clustering);
 * :func:`average_heads` -- one decision per layer: scores averaged over the KV heads (TOVA);
 * :func:`rank_keys` / :func:`keep_counts` -- keep, per (row, head), the protected tokens then the best-scored
@@ -48,6 +50,16 @@ def window_attention(view: LayerView, window: int | None = None) -> torch.Tensor
         rows = rows[:, :, -window:]
     live = (rows.sum(-1) > 0).sum(-1, keepdim=True).clamp(min=1)  # [b, h, 1] queries that attended
     return rows.sum(2) / live
+
+
+def key_distinctiveness(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[b, h, n]`` float32: minus the cosine similarity between each key ``keys [b, h, n, d]`` and the anchor,
+    the mean of the L2-normalised keys of the real tokens (``valid [b, h, n]``) of its (row, KV head): KeyDiff's
+    score (Park et al. 2025, arXiv:2504.15364), in [-1, 1], larger for keys that point away from the rest."""
+    keys = keys.float()
+    unit = F.normalize(keys, p=2, dim=-1) * valid[..., None]
+    anchor = unit.sum(2, keepdim=True) / valid.sum(-1)[..., None, None].clamp(min=1)  # [b, h, 1, d]
+    return -F.cosine_similarity(keys, anchor, dim=-1)
 
 
 def pool_tokens(scores: torch.Tensor, kernel_size: int, mode: str = "avg", valid: torch.Tensor | None = None

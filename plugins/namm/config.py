@@ -20,6 +20,9 @@ class NAMMConfig:
     threshold: float = 0.0  # keep tokens scoring >= threshold
     norm_eps: float = 1e-6
     block: int = 1024  # BAM block size (tokens): no n x n buffer
+    # one more input feature per token: KeyDiff's key distinctiveness, minus the cosine of the token's key with its
+    # head's mean key (tokenmem's extension, not in the paper; the v1/v2 scorers have it off)
+    key_diff: bool = False
 
     def __post_init__(self):
         if self.n_fft <= self.hop or self.hop <= 0:
@@ -38,7 +41,7 @@ class NAMMConfig:
 
     @property
     def features(self) -> int:
-        return self.recency_dim + self.bins
+        return self.recency_dim + self.bins + int(self.key_diff)
 
     @property
     def tail(self) -> int:
@@ -46,7 +49,12 @@ class NAMMConfig:
         return self.n_fft - self.hop
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; ``key_diff`` only when on, so a scorer or evolution checkpoint without the key feature is
+        written (and signed) exactly as before the field existed."""
+        data = asdict(self)
+        if not self.key_diff:
+            data.pop("key_diff")
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "NAMMConfig":

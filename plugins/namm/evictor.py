@@ -6,7 +6,8 @@ GQA: mean over each KV head's query group) extend every token's EMA spectrogram 
 Per update (every ``interval`` tokens, which the memory runs as an eviction):
 
 1. (the EMA is up to date: every completed frame was folded in as it arrived);
-2. features = ``[recency(age), normalised EMA]`` (25 values by default);
+2. features = ``[recency(age), normalised EMA]`` (25 values by default), and with ``key_diff`` one more: the
+   token's key distinctiveness (KeyDiff's score, :func:`tokenmem.scoring.key_distinctiveness`);
 3. the BAM network scores every token of every (layer, KV head) with one shared parameter vector;
 4. the memory keeps tokens scoring ``>= threshold`` (0) plus the newest token; heads and batch rows
    may keep different counts, which the memory holds by masking (see ``TokenMemory.evict_layer``).
@@ -22,6 +23,7 @@ import torch
 
 from tokenmem.errors import TokenmemError
 from tokenmem.evictor import Evictor, LayerView, register_evictor
+from tokenmem.scoring import key_distinctiveness
 
 from .config import NAMMConfig
 from .features import normalise, recency_features, update_ema, update_ema_aligned
@@ -169,7 +171,8 @@ class NAMM(Evictor):
             view.consume_rows(done)
 
     def features(self, view: LayerView) -> torch.Tensor:
-        """Features ``[b, h, n, recency_dim + bins]``: recency embedding of the age, normalised EMA."""
+        """Features ``[b, h, n, recency_dim + bins (+ 1)]``: recency embedding of the age, normalised EMA (and, with
+        ``key_diff``, the key distinctiveness, bounded in [-1, 1] and not normalised)."""
         cfg = self.config
         ema = view.state["namm_ema"]
         positions = view.meta.position
@@ -177,8 +180,10 @@ class NAMM(Evictor):
         if self.calibrating:
             self._accumulate(ema, view.meta.valid)
         age = newest - positions
-        return torch.cat([recency_features(age, cfg),
-                          normalise(ema, self.norm_mean.to(ema.device), self.norm_var.to(ema.device), cfg)], dim=-1)
+        parts = [recency_features(age, cfg), normalise(ema, self.norm_mean.to(ema.device), self.norm_var.to(ema.device), cfg)]
+        if cfg.key_diff:
+            parts.append(key_distinctiveness(view.keys, view.meta.valid)[..., None])
+        return torch.cat(parts, dim=-1)
 
     def score(self, view: LayerView) -> torch.Tensor:
         x = self.features(view)

@@ -43,9 +43,17 @@ def unflatten(vector: torch.Tensor, cfg: NAMMConfig) -> dict[str, torch.Tensor]:
 
 def initial_params(cfg: NAMMConfig, score: float = 1.0) -> torch.Tensor:
     """All weights zero and the output bias ``score`` > 0: every token scores ``score`` (keeps all).
-    A zero init would let the first perturbations evict everything."""
+    A zero init would let the first perturbations evict everything.
+
+    With the key feature (``cfg.key_diff``) its output weight is 1 and the bias ``score + 1``: every token scores
+    ``score + 1 + key_distinctiveness >= score`` (still keeps all without a budget), and under a budget the kept
+    tokens are KeyDiff's. The search then starts from the strongest training-free evictor on retrieval, not from
+    recency."""
     vector = torch.zeros(num_params(cfg))
     vector[-1] = score
+    if cfg.key_diff:
+        vector[-2] = 1.0  # ws[-1]: the key feature is the last input feature
+        vector[-1] = score + 1.0
     return vector
 
 

@@ -1,11 +1,19 @@
 """Evolve the shipped language NAMM scorer (``NAMM.pretrained("language")``).
 
-    python -m tokenmem.zoo.evolve_language                                   # v2: resumable, checkpoint per generation
+    python -m tokenmem.zoo.evolve_language                                   # v3: resumable, checkpoint per generation
     torchrun --nproc_per_node 2 -m tokenmem.zoo.evolve_language              # the same on two processes
     python -m tokenmem.zoo.evolve_language --status                          # where a run stands
     python -m tokenmem.zoo.evolve_language --ship                            # copy the finished scorer into the package
+    python -m tokenmem.zoo.evolve_language --version v2                      # the shipped language-v2's run
 
-**v2 (the default, ``--fitness likelihood``).** Fitness: the mean over six tasks of how much of the full
+**v3 (the default).** v2's search and likelihood fitness with two changes, both from what v2's evaluation showed
+(README, "NAMM v2"): the retrieval prompts are laid out as the eval split's (``retrieval-early``: the value near
+the start of a 320-1,600-token prompt, :mod:`tokenmem.zoo.namm_fitness`), and the scorer gets one more input
+feature, each token's key distinctiveness (KeyDiff's score; ``NAMMConfig(key_diff=True)``), with the search
+starting from the scorer that keeps all tokens without a budget and KeyDiff's tokens under one
+(:func:`tokenmem.plugins.namm.scorer.initial_params`). Checkpoints in ``~/.cache/tokenmem/namm-language-v3``.
+
+**v2 (``--version v2``).** Fitness: the mean over six tasks of how much of the full
 cache's likelihood NAMM keeps (:mod:`tokenmem.plugins.namm.likelihood`): the teacher-forced log-likelihood of
 the answer after a streamed prompt (code completion: the next line; retrieval: the planted value's digits) and
 the streaming perplexity of code windows, each at 25% and 50% of the context, on 32 equal-length prompts per
@@ -15,11 +23,12 @@ CMA-ES: the paper's settings (sep-CMA-ES, sigma0 0.065, elite ratio 0.5) with po
 40 generations or until the mean has not improved for 10. Checkpoints go to ``--out`` (outside the repository)
 after every generation; a killed run resumes where it stopped.
 
-**v1 (``--fitness v1``)**: the ratio of greedy-decoding scores (edit similarity, exact match) to the full cache
+**v1 (``--version v1``)**: the ratio of greedy-decoding scores (edit similarity, exact match) to the full cache
 on 8 prompts per task: the fitness of the ``language-v1`` scorer, kept for reproducibility.
 
 ``--ship`` writes the final mean scorer, its evolution log and a fitness-curve PNG to
-``tokenmem/zoo/scorers/language`` (moving a v1 scorer found there to ``language-v1`` first).
+``tokenmem/zoo/scorers/language``, first moving the scorer found there to ``language-{its version}`` (so every
+earlier version stays loadable by name).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import shutil
 from pathlib import Path
 
 CACHE = Path(os.environ.get("TOKENMEM_CACHE", Path.home() / ".cache" / "tokenmem"))
-DEFAULT_OUT = {"likelihood": CACHE / "namm-language-v2", "v1": CACHE / "namm-language"}
+DEFAULT_OUT = {"v3": CACHE / "namm-language-v3", "v2": CACHE / "namm-language-v2", "v1": CACHE / "namm-language"}
 INTERVAL = 128
 
 
@@ -68,7 +77,7 @@ def plot_curve(log: dict, png: Path) -> None:
                   else "fitness (score / full-cache score, mean over tasks)")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("NAMM language scorer v2: CMA-ES, likelihood fitness" if likelihood
+    ax.set_title(f"NAMM language scorer {log.get('scorer_version', 'v2')}: CMA-ES, likelihood fitness" if likelihood
                  else "NAMM language scorer: CMA-ES on code completion + retrieval")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
@@ -91,28 +100,45 @@ def status(out: Path) -> str:
     return "\n".join(lines)
 
 
-def ship(out: Path) -> None:
+def shipped_version(directory: Path) -> str:
+    """The version of the scorer shipped in ``directory``: its ``evolution.json``'s ``scorer_version`` (v3 on), else
+    v2 when a ``language-v1`` sits beside it, else v1."""
+    log = directory / "evolution.json"
+    version = json.loads(log.read_text()).get("scorer_version") if log.exists() else None
+    return version or ("v2" if (directory.parent / "language-v1").exists() else "v1")
+
+
+def ship(out: Path, version: str) -> None:
     from . import SCORERS_DIR
 
     dest = SCORERS_DIR / "language"
     if not (out / "scorer.json").exists():
         raise SystemExit(f"no finished evolution in {out}")
-    v1 = SCORERS_DIR / "language-v1"
-    if dest.exists() and not v1.exists():
-        shutil.move(str(dest), str(v1))  # keep v1 loadable as NAMM.pretrained("language-v1")
+    if dest.exists():
+        previous = shipped_version(dest)
+        if previous == version:
+            raise SystemExit(f"{dest} already holds a {version} scorer; remove it to ship this run again")
+        older = SCORERS_DIR / f"language-{previous}"
+        if older.exists():
+            raise SystemExit(f"{older} exists: cannot keep the shipped {previous} scorer loadable under its name")
+        shutil.move(str(dest), str(older))  # loadable as NAMM.pretrained(f"language-{previous}")
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("scorer.json", "scorer.safetensors", "evolution.json"):
+    for name in ("scorer.json", "scorer.safetensors"):
         shutil.copy(out / name, dest / name)
-    plot_curve(json.loads((out / "evolution.json").read_text()), dest / "fitness_curve.png")
+    log = json.loads((out / "evolution.json").read_text())
+    log["scorer_version"] = version
+    (dest / "evolution.json").write_text(json.dumps(log, indent=1) + "\n")
+    plot_curve(log, dest / "fitness_curve.png")
     print(f"shipped {dest}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--fitness", choices=("likelihood", "v1"), default="likelihood",
-                   help="likelihood: the v2 fitness (default); v1: the greedy-decoding fitness of language-v1")
-    p.add_argument("--out", default=None, help="run directory (default: ~/.cache/tokenmem/namm-language-v2, "
-                                               "or namm-language for --fitness v1)")
+    p.add_argument("--version", choices=("v3", "v2", "v1"), default="v3",
+                   help="v3 (default): likelihood fitness with eval-like retrieval and the key feature; v2: the "
+                        "shipped language-v2's likelihood fitness; v1: the greedy-decoding fitness of language-v1")
+    p.add_argument("--out", default=None, help="run directory (default: ~/.cache/tokenmem/namm-language-{version}, "
+                                               "namm-language for v1)")
     p.add_argument("--generations", type=int, default=None, help="default 40 (v1: 30)")
     p.add_argument("--population", type=int, default=None, help="default 16 (v1: 12)")
     p.add_argument("--patience", type=int, default=None, help="stop when the mean has not improved for this many "
@@ -126,13 +152,13 @@ def main(argv=None) -> int:
     p.add_argument("--status", action="store_true", help="print where the run stands and exit")
     p.add_argument("--ship", action="store_true", help="copy the finished scorer into the package")
     args = p.parse_args(argv)
-    v2 = args.fitness == "likelihood"
-    out = Path(args.out) if args.out else DEFAULT_OUT[args.fitness]
+    v2 = args.version != "v1"  # a likelihood fitness (v2 and v3)
+    out = Path(args.out) if args.out else DEFAULT_OUT[args.version]
     if args.status:
         print(status(out))
         return 0
     if args.ship:
-        ship(out)
+        ship(out, args.version)
         return 0
     from ..plugins.namm.config import NAMMConfig
     from ..plugins.namm.evolve import EvolveSettings, evolve
@@ -145,14 +171,15 @@ def main(argv=None) -> int:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-        tasks = namm_fitness.tasks(model, batch_size=args.batch_size)
+        tasks = namm_fitness.tasks(model, batch_size=args.batch_size, version=args.version)
         models = [t.model for t in tasks]
     else:
         tasks, models = build_tasks(args.code_prompts, args.retrieval_per_distance, args.model), None
     settings = EvolveSettings(generations=args.generations or (40 if v2 else 30),
                               population=args.population or (16 if v2 else 12), sigma=args.sigma, seed=args.seed,
                               threads=1, patience=args.patience if args.patience is not None else (10 if v2 else None))
-    result = evolve(tasks, out, settings=settings, config=NAMMConfig(interval=INTERVAL), models=models, resume=True)
+    config = NAMMConfig(interval=INTERVAL, key_diff=args.version == "v3")
+    result = evolve(tasks, out, settings=settings, config=config, models=models, resume=True)
     if int(os.environ.get("RANK", "0")) == 0:
         print("mean fitness by generation:", " ".join(f"{v:.4f}" for v in result.mean_curve))
         print(f"reference (full cache): {result.reference}")

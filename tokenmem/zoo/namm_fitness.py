@@ -9,6 +9,13 @@ streamed in 128-token chunks with the memory evicting as it goes, as the evaluat
   (:data:`DISTANCES`), then ``assert _SECRET_7 == ``; the answer is the value's digits. Every prompt is exactly
   :data:`RETRIEVAL_TOKENS` tokens (the filler before the definition is trimmed from the left).
 * ``perplexity``: windows of :data:`WINDOW_TOKENS` tokens; every token predicted from what the memory holds.
+* ``retrieval-early`` (v3): laid out as the eval split's retrieval prompts (:mod:`tokenmem.zoo.lm_tasks`): about
+  150 characters of code, the definition, ``distance`` tokens of code (:data:`EARLY_DISTANCES`, the eval's
+  distances), the query. The value sits near the start of the prompt, among its oldest tokens, as in the eval;
+  the v2 ``retrieval`` prompts put it 118-917 tokens in, and v2 learned to answer those but not the eval's
+  (``benchmarks/results/namm_fitness_tokens.md``). Each distance's prompts have one length,
+  ``distance + EARLY_EXTRA`` tokens (trimmed from the left, keeping at least :data:`EARLY_LEAD` tokens before
+  the definition), so they batch.
 
 Equal lengths let a task run its prompts in batches (no padding, so a fractional budget keeps the same count in
 every row as alone), which is what makes 32+ prompts per task affordable in every CMA-ES evaluation. The files
@@ -34,8 +41,14 @@ RETRIEVAL_TOKENS = 1152
 WINDOW_TOKENS = 512
 DISTANCES = (256, 512, 768, 1024)
 MAX_ANSWER = 24
-COUNTS = {"code-completion": 32, "retrieval": 32, "perplexity": 32}
+COUNTS = {"code-completion": 32, "retrieval": 32, "perplexity": 32, "retrieval-early": 32}
 BUDGETS = (0.25, 0.5)
+EARLY_DISTANCES = (256, 512, 1024, 1536)
+EARLY_EXTRA = 64  # prompt tokens beyond the distance: the lead, the definition and the query
+EARLY_LEAD = 8  # at least this many code tokens before the definition
+#: The fitness tasks of each scorer version (v2: the shipped ``language-v2``; v3: retrieval laid out as the eval's).
+VERSIONS = {"v2": ("code-completion", "retrieval", "perplexity"),
+            "v3": ("code-completion", "retrieval-early", "perplexity")}
 
 
 def _joint_suffix(tok, prefix: str, continuation: str) -> list[int] | None:
@@ -94,6 +107,36 @@ def _retrieval(tok, files, rng, per_distance) -> list[dict]:
     return out
 
 
+def _retrieval_early(tok, files, rng, per_distance) -> list[dict]:
+    lines = [line for f in files for line in f.text.split("\n")]
+    out = []
+    for distance in EARLY_DISTANCES:
+        length, made = distance + EARLY_EXTRA, 0
+        while made < per_distance:
+            name, value = planting.random_name(rng, ("SECRET",)), planting.random_value(rng)
+            start = int(rng.integers(0, len(lines) - 2000))
+            lead, chars, k = [], 0, start
+            while chars < 150:  # the eval's lead (lm_tasks._retrieval)
+                lead.append(lines[k]); chars += len(lines[k]) + 1; k += 1
+            body, k = planting.filler_lines(tok, lines, k, distance)
+            if f"{name} " in "\n".join(body):
+                continue
+            lead_text = "\n".join(lead) + "\n"
+            head = lead_text + planting.definition(name, value) + "\n"
+            text = head + "\n".join(body) + "\n" + planting.query_prefix(name)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            answer = _joint_suffix(tok, text, value)
+            cut = len(ids) - length  # tokens trimmed from the left
+            definition_at = len(tok(lead_text, add_special_tokens=False)["input_ids"]) - cut
+            if cut < 0 or answer is None or definition_at < EARLY_LEAD:
+                continue
+            between = len(ids) - len(tok(head, add_special_tokens=False)["input_ids"])
+            out.append({"input_ids": ids[cut:], "answer_ids": answer, "answer": value, "distance": distance,
+                        "measured_distance": between, "definition_at": definition_at})
+            made += 1
+    return out
+
+
 def _perplexity(tok, files, rng, count) -> list[dict]:
     tokenized = [(f.path, tok(f.text, add_special_tokens=False)["input_ids"]) for f in files]
     tokenized = [(p, ids) for p, ids in tokenized if len(ids) >= WINDOW_TOKENS]
@@ -106,7 +149,8 @@ def _perplexity(tok, files, rng, count) -> list[dict]:
 
 
 def build(tokenizer, out_dir: Path = FITNESS_DIR, seed: int = 0) -> dict[str, int]:
-    """Write ``{task}.jsonl`` for the three tasks from the evolve split; returns the prompt counts."""
+    """Write ``{task}.jsonl`` for the four tasks from the evolve split; returns the prompt counts. ``retrieval-early``
+    draws from its own random stream, so adding it left the v2 files as they were."""
     from .lm_tasks import _long_files
 
     files = _long_files("evolve")
@@ -116,6 +160,9 @@ def build(tokenizer, out_dir: Path = FITNESS_DIR, seed: int = 0) -> dict[str, in
     built = {"code-completion": _code_completion(tokenizer, files, rng, COUNTS["code-completion"]),
              "retrieval": _retrieval(tokenizer, files, rng, COUNTS["retrieval"] // len(DISTANCES)),
              "perplexity": _perplexity(tokenizer, files, rng, COUNTS["perplexity"])}
+    early = np.random.default_rng([seed, 3])
+    built["retrieval-early"] = _retrieval_early(tokenizer, files, early,
+                                                COUNTS["retrieval-early"] // len(EARLY_DISTANCES))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, records in built.items():
@@ -130,10 +177,14 @@ def load(task: str, data_dir: Path = FITNESS_DIR) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def tasks(model=None, budgets=BUDGETS, limit: int | None = None, batch_size: int = 4, chunk: int = 128) -> list:
-    """The fitness tasks at every budget, named ``{task}@{percent}`` (e.g. ``retrieval@25``). ``model``: the
-    model every task runs on (default: the shipped ``stdlib-llama``, loaded once); ``limit``: the first
-    ``limit`` prompts of each task (tests)."""
+def tasks(model=None, budgets=BUDGETS, limit: int | None = None, batch_size: int = 4, chunk: int = 128,
+          version: str = "v2") -> list:
+    """The fitness tasks of scorer ``version`` (:data:`VERSIONS`) at every budget, named ``{task}@{percent}``
+    (e.g. ``retrieval@25``). ``model``: the model every task runs on (default: the shipped ``stdlib-llama``,
+    loaded once); ``limit``: the first ``limit`` prompts of each task (tests; ``retrieval-early``'s file
+    lists its distances in order, so its first prompts are the shortest)."""
+    if version not in VERSIONS:
+        raise TokenmemError(f"unknown NAMM fitness version {version!r}; use one of {', '.join(VERSIONS)}")
     if model is None:
         from transformers import AutoModelForCausalLM
 
@@ -143,7 +194,7 @@ def tasks(model=None, budgets=BUDGETS, limit: int | None = None, batch_size: int
     out = []
     for budget in budgets:
         tag = f"@{round(budget * 100)}" if isinstance(budget, float) else f"@{budget}"
-        for name in ("code-completion", "retrieval"):
+        for name in VERSIONS[version][:2]:
             records = load(name)[:limit]
             out.append(AnswerLikelihoodTask(name=name + tag, prompts=[r["input_ids"] for r in records],
                                             answers=[r["answer_ids"] for r in records], budget=budget, chunk=chunk,
