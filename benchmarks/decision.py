@@ -12,7 +12,8 @@ Model: the shipped Hopper DT (``tokenmem/envs/models/hopper-medium-dt``, trained
    ``--decode-span 3`` a step is a decode step and the memory evicts once ``interval`` new tokens have
    accumulated, so it holds up to ``budget + interval - 1``. NAMM uses ``--namm-scorer``: by default the shipped scorer evolved on language
    (``NAMM.pretrained("language")``), unchanged; ``initial`` for the untrained initial scorer;
-2. speed: model steps per second (policy time only, no physics; batch 1, random states) at steady state,
+2. speed: model steps per second (policy time only, no physics; batch 1, random states) at steady state (the
+   median of ``--speed-repeats`` rounds of ``--speed-steps`` steps, the policies taking turns in each round),
    for the reference re-encoding K steps vs the cache holding K steps, and the reference re-encoding
    ``--history`` steps vs the cache holding ``--history`` steps (the target: cached ``recent`` with eviction
    >= 5x there), the cache as ``recent`` with the default ``decode_span=1`` (evicting one timestep per step) and
@@ -109,31 +110,39 @@ def _recording(policy, kept: dict):
     return policy
 
 
-def speed(adapter, plain_model, history: int, steps: int, seed: int) -> dict:
+def speed(adapter, plain_model, history: int, steps: int, seed: int, repeats: int = 3) -> dict:
     """Steady-state policy steps/s: the reference re-encoding ``history`` steps vs the cache holding
     ``history`` steps: ``recent`` at a budget of ``3 * history`` tokens with the adapter's default ``decode_span=1``
     (it evicts one timestep at every step) and with ``decode_span=3`` (it evicts once ``interval`` new tokens
-    have accumulated), and the full cache (no eviction; it grows from ``history`` to ``history + steps``
-    steps)."""
+    have accumulated), and the full cache (no eviction; it grows from ``history`` steps by ``steps`` per round).
+    Every policy is timed for ``steps`` steps in each of ``repeats`` rounds, the policies taking turns within a
+    round (so a change of machine load hits them alike); each figure is the median over the rounds."""
     from tokenmem.adapters.decision import CachedPolicy, ReferencePolicy
 
     g = torch.Generator().manual_seed(seed)
-    states = torch.randn(history + steps, 1, adapter.state_dim, generator=g)
+    states = torch.randn(history + steps * repeats, 1, adapter.state_dim, generator=g)
     alive = torch.ones(1, dtype=torch.bool)
-    out = {"history": history}
+    rtg = torch.full((1,), 3.6)
+    out = {"history": history, "steps": steps, "repeats": repeats}
     policies = (("reference", ReferencePolicy(adapter, context=history, model=plain_model)),
                 ("cached", CachedPolicy(adapter, "recent", budget=3 * history)),  # the default: decode_span=1
                 ("cached_span", CachedPolicy(adapter, "recent", budget=3 * history, decode_span=3)),
                 ("cached_full", CachedPolicy(adapter, "full")))
-    for name, policy in policies:
+    for _, policy in policies:
         policy.start(1)
-        rtg = torch.full((1,), 3.6)
         for t in range(history):  # fill the window / the memory (not timed)
             policy.act(t, rtg, states[t], alive)
-        t0 = time.perf_counter()
-        for t in range(history, history + steps):
-            policy.act(t, rtg, states[t], alive)
-        out[name] = steps / (time.perf_counter() - t0)
+    rates = {name: [] for name, _ in policies}
+    for r in range(repeats):
+        first = history + r * steps
+        for name, policy in policies:
+            t0 = time.perf_counter()
+            for t in range(first, first + steps):
+                policy.act(t, rtg, states[t], alive)
+            rates[name].append(steps / (time.perf_counter() - t0))
+    for name, values in rates.items():
+        out[name] = float(np.median(values))
+        out[name + "_rounds"] = values
     out["speedup"] = out["cached"] / out["reference"]
     out["speedup_full"] = out["cached_full"] / out["reference"]
     out["speedup_span"] = out["cached_span"] / out["reference"]
@@ -182,7 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--namm-scorer", default="language", help="NAMM scorer: a shipped name, a directory, or 'initial' "
                    "(default: the shipped language-trained scorer)")
     p.add_argument("--history", type=int, default=200)
-    p.add_argument("--speed-steps", type=int, default=50)
+    p.add_argument("--speed-steps", type=int, default=100, help="timed steps per policy and round")
+    p.add_argument("--speed-repeats", type=int, default=3, help="rounds (the table gives the median)")
     p.add_argument("--threads", type=int, nargs="+", default=[1],
                    help="torch threads; several values repeat the speed table at each (quality runs at the first)")
     p.add_argument("--decode-span", type=int, default=None,
@@ -227,7 +237,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
         print(f" torch threads: {threads}", flush=True)
         for history in (adapter.context, args.history):
-            speeds.append(dict(speed(adapter, plain, history, args.speed_steps, args.seed), threads=threads))
+            speeds.append(dict(speed(adapter, plain, history, args.speed_steps, args.seed, args.speed_repeats), threads=threads))
     torch.set_num_threads(args.threads[0])
 
     print()

@@ -13,6 +13,7 @@ in the evolution) under each evictor and reports, per budget:
 - the full cache's values on the same prompts for reference.
 
     python benchmarks/namm_fitness_tokens.py [--evictors language keydiff h2o recent] [--limit N] [--out out.md]
+                                             [--version v3]   # the v3 fitness's retrieval-early prompts
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--evictors", nargs="+", default=["language", "keydiff", "h2o", "recent"],
                    help="registered evictor names, or NAMM scorers (language, language-v1, a directory)")
     p.add_argument("--limit", type=int, default=None, help="the first N retrieval prompts (default all 32)")
+    p.add_argument("--version", choices=("v2", "v3"), default="v2",
+                   help="whose fitness prompts: v2's retrieval (default) or v3's retrieval-early")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     p.add_argument("--out", default=None)
@@ -43,7 +46,7 @@ def main(argv=None) -> int:
     from tokenmem.zoo.evolve_language import INTERVAL
 
     torch.set_num_threads(args.threads)
-    tasks = [t for t in namm_fitness.tasks(None, limit=args.limit, batch_size=4) if t.name.startswith("retrieval")]
+    tasks = [t for t in namm_fitness.tasks(None, limit=args.limit, batch_size=4, version=args.version) if t.name.startswith("retrieval")]
     model = tasks[0].model
 
     @torch.no_grad()
