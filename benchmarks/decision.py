@@ -237,7 +237,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
         print(f" torch threads: {threads}", flush=True)
         for history in (adapter.context, args.history):
-            speeds.append(dict(speed(adapter, plain, history, args.speed_steps, args.seed, args.speed_repeats), threads=threads))
+            row = speed(adapter, plain, history, args.speed_steps, args.seed, args.speed_repeats)
+            speeds.append(dict(row, threads=threads))
     torch.set_num_threads(args.threads[0])
 
     print()

@@ -1,4 +1,4 @@
-"""The NAMM v2 fitness task by task, for the shipped scorers and the training-free evictors.
+"""The NAMM fitness (v2, or v3 with ``--version v3``) task by task, for the shipped scorers and the training-free evictors.
 
 An analysis on the *evolve* split (the data the v2 scorer was chosen on), not a result: it shows where the
 evolution's fitness gain came from (which of the six tasks), next to the same numbers for ``language-v1`` and
@@ -9,6 +9,10 @@ eviction every 128 tokens, as during the evolution (:mod:`tokenmem.zoo.namm_fitn
 
     python benchmarks/namm_fitness_breakdown.py [--evictors language language-v1 h2o recent keydiff]
                                                 [--quick] [--json out.json] [--out out.md]
+    python benchmarks/namm_fitness_breakdown.py --version v3 --evictors initial-v3 keydiff language recent h2o
+
+``--version v3``: the v3 fitness (``retrieval-early`` in place of ``retrieval``); ``initial-v3`` is the v3
+search's starting scorer (the key feature on, :func:`tokenmem.plugins.namm.scorer.initial_params`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--evictors", nargs="+", default=["language", "language-v1", "h2o", "recent", "keydiff"],
                    help="registered evictor names, or NAMM scorers: a shipped name (language, language-v1), "
                         "'initial' or a scorer directory")
+    p.add_argument("--version", choices=("v2", "v3"), default="v2", help="whose fitness (default v2)")
     p.add_argument("--quick", action="store_true", help="4 prompts per task (smoke test)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
@@ -39,14 +44,17 @@ def main(argv=None) -> int:
     from tokenmem.zoo.evolve_language import INTERVAL
 
     torch.set_num_threads(args.threads)
-    tasks = namm_fitness.tasks(None, limit=4 if args.quick else None, batch_size=4)
+    tasks = namm_fitness.tasks(None, limit=4 if args.quick else None, batch_size=4, version=args.version)
     fitness = Fitness(tasks, NAMMConfig(interval=INTERVAL), [t.model for t in tasks])
     t0 = time.perf_counter()
     fitness.compute_reference()
     print(f"full-cache reference: {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
     for name in args.evictors:
-        evictor = name if name in registered() else NAMM.load(name)
+        if name == "initial-v3":
+            evictor = NAMM(NAMMConfig(interval=INTERVAL, key_diff=True))
+        else:
+            evictor = name if name in registered() else NAMM.load(name)
         t0 = time.perf_counter()
         scores = fitness.evictor_scores(evictor)
         row = {"evictor": name, "scores": scores, "fitness": sum(scores.values()) / len(scores),
@@ -61,15 +69,16 @@ def main(argv=None) -> int:
                      + " | ".join(f"{row['scores'][n]:.3f}" for n in names) + " |")
     table = "\n".join(lines)
     print()
-    print(f"NAMM v2 fitness by task (evolve split, {len(tasks[0].prompts)} prompts per task; 1.0 = full cache)")
+    print(f"NAMM {args.version} fitness by task (evolve split, {len(tasks[0].prompts)} prompts per task; "
+          "1.0 = full cache)")
     print(table)
     if args.out:
         with open(args.out, "w") as f:
-            f.write("NAMM v2 fitness by task (evolve split: the data the v2 scorer was chosen on; 1.0 = full cache)\n\n"
-                    + table + "\n")
+            f.write(f"NAMM {args.version} fitness by task (evolve split: the data the {args.version} scorer is chosen "
+                    f"on; 1.0 = full cache)\n\n" + table + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "prompts_per_task": len(tasks[0].prompts)}, f, indent=1)
+            json.dump({"rows": rows, "prompts_per_task": len(tasks[0].prompts), "version": args.version}, f, indent=1)
     return 0
 
 

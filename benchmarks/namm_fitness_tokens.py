@@ -28,7 +28,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--evictors", nargs="+", default=["language", "keydiff", "h2o", "recent"],
                    help="registered evictor names, or NAMM scorers (language, language-v1, a directory)")
-    p.add_argument("--limit", type=int, default=None, help="the first N retrieval prompts (default all 32)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="the first N retrieval prompts (default all 32; v3's file lists its distances in order, 8 "
+                        "each, so N <= 8 measures only distance 256)")
     p.add_argument("--version", choices=("v2", "v3"), default="v2",
                    help="whose fitness prompts: v2's retrieval (default) or v3's retrieval-early")
     p.add_argument("--threads", type=int, default=1)
@@ -46,7 +48,8 @@ def main(argv=None) -> int:
     from tokenmem.zoo.evolve_language import INTERVAL
 
     torch.set_num_threads(args.threads)
-    tasks = [t for t in namm_fitness.tasks(None, limit=args.limit, batch_size=4, version=args.version) if t.name.startswith("retrieval")]
+    tasks = [t for t in namm_fitness.tasks(None, limit=args.limit, batch_size=4, version=args.version)
+             if t.name.startswith("retrieval")]
     model = tasks[0].model
 
     @torch.no_grad()

@@ -39,7 +39,7 @@ from tokenmem.memory import TokenMemory
 from tokenmem.meta import MODALITIES, PROTECT
 from tokenmem.plugins.h2o import H2OEvictor
 from tokenmem.plugins.namm import NAMM
-from tokenmem.plugins.namm.features import normalise, recency_features
+from tokenmem.plugins.namm.features import recency_features
 from tokenmem.plugins.namm.scorer import bam_scores, unflatten
 
 BUDGET = 0.25
@@ -130,7 +130,9 @@ class ProbeNAMM(NAMM):
         cfg = self.config
         pos = view.meta.position
         age = pos.amax(dim=-1, keepdim=True) - pos
-        rec = recency_features(age, cfg)
+        x = super().features(view)  # [recency | normalised EMA | key feature (v3)]: the variants edit the first two
+        split = cfg.recency_dim + cfg.bins
+        rec, z, rest = x[..., : cfg.recency_dim], x[..., cfg.recency_dim : split], x[..., split:]
         if self.variant == "recency-const":
             rec = recency_features(torch.full_like(age, self.const_age), cfg)
         elif self.variant == "recency-fast":
@@ -138,13 +140,12 @@ class ProbeNAMM(NAMM):
             half = cfg.recency_dim // 2
             rec = rec.clone()
             rec[..., 0], rec[..., half] = frozen[..., 0], frozen[..., half]
-        z = normalise(view.state["namm_ema"], self.norm_mean, self.norm_var, cfg)
         if self.variant == "ema-zero":
             z = torch.zeros_like(z)
         elif self.variant == "ema-profile":
             z = z.clone()
             z[..., self.bins] = self.profile[age.clamp(max=self.profile.shape[0] - 1)][..., self.bins]
-        return torch.cat([rec, z], dim=-1)
+        return torch.cat([rec, z, rest], dim=-1)
 
     def score(self, view):
         x = self.features(view)

@@ -258,10 +258,14 @@ def test_namm_batch_rows_match_their_single_runs():
 
 # -- the key feature (NAMMConfig(key_diff=True), the v3 scorer) -------------------------------------------------------
 def test_key_feature_is_off_for_the_shipped_v1_v2_configs_and_round_trips(tmp_path):
+    from tokenmem.zoo import SCORERS_DIR
+
     cfg = NAMMConfig(interval=128)
     assert "key_diff" not in cfg.to_dict() and cfg.features == 25  # v1/v2 files and checkpoints are unchanged
-    for name in ("language-v1", "language"):
-        assert NAMM.pretrained(name).config.features in (25, 26)
+    assert not NAMM.pretrained("language-v1").config.key_diff and NAMM.pretrained("language-v1").config.features == 25
+    for directory in sorted(p for p in SCORERS_DIR.iterdir() if (p / "scorer.json").exists()):
+        shipped = json.loads((directory / "scorer.json").read_text())["config"]
+        assert NAMM.from_file(directory).config.to_dict() == shipped, directory.name  # written as it was read
     on = NAMMConfig(interval=128, key_diff=True)
     assert on.to_dict()["key_diff"] is True and on.features == 26
     namm = NAMM(on, initial_params(on) + 0.01)

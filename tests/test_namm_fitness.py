@@ -169,10 +169,13 @@ def test_v3_retrieval_prompts_are_laid_out_as_the_eval_split():
     eval_starts = [len(tok(r["text"][: r["text"].index("_SECRET_")], add_special_tokens=False)["input_ids"])
                    for r in load_records("retrieval", "eval")]
     early = [r["definition_at"] for r in records]
-    assert max(early) <= max(eval_starts) + 32 and min(eval_starts) <= 128  # the same region of the prompt
+    # the same region of the prompt as the eval's values (v2's fitness put them 118-917 tokens in)
+    assert min(eval_starts) - 32 <= min(early) and max(early) <= max(eval_starts) + 32
     task_names = [t.name for t in namm_fitness.tasks(model=object(), limit=4, version="v3")]
     assert task_names == ["code-completion@25", "retrieval-early@25", "perplexity@25",
                           "code-completion@50", "retrieval-early@50", "perplexity@50"]
+    with pytest.raises(TokenmemError, match=r"batch_size=3 would mix lengths in a batch: use one of \[1, 2, 4, 8\]"):
+        namm_fitness.tasks(model=object(), version="v3", batch_size=3)
     with pytest.raises(TokenmemError, match="unknown NAMM fitness version"):
         namm_fitness.tasks(model=object(), version="v9")
 
@@ -192,8 +195,14 @@ def test_shipping_keeps_the_previous_scorer_loadable_under_its_version(tmp_path,
     run = tmp_path / "run"
     cfg = NAMMConfig(interval=128, key_diff=True)
     NAMM(cfg, initial_params(cfg)).save(run)
+    assert evolve_language.shipped_version(scorers / "language") == "v2"  # read from the logs' tasks
+    assert evolve_language.shipped_version(scorers / "language-v1") == "v1"
     log = json.loads((zoo.SCORERS_DIR / "language" / "evolution.json").read_text())
-    log.pop("scorer_version", None)
+    (run / "evolution.json").write_text(json.dumps(log))
+    with pytest.raises(SystemExit, match="holds a v2 evolution, not v3"):
+        evolve_language.ship(run, "v3")  # a v2 run is never shipped as v3
+    for task in log["tasks"]:
+        task["name"] = task["name"].replace("retrieval@", "retrieval-early@")
     (run / "evolution.json").write_text(json.dumps(log))
     evolve_language.ship(run, "v3")
     assert NAMM.from_file(scorers / "language").config.key_diff

@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="CMA-ES sampling seed")
     p.add_argument("--task-seed", type=int, default=0, help="seed of the tasks' models and prompts")
     p.add_argument("--full-covariance", action="store_true",
-                   help="full-covariance CMA-ES instead of the diagonal one (sep-CMA-ES); slow for 4,172 dimensions")
+                   help="full-covariance CMA-ES instead of the diagonal one (sep-CMA-ES); slow for the scorer's "
+                        "4,172+ dimensions")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process (default 1)")
     p.add_argument("--patience", type=int, default=None,
                    help="stop early when the mean's fitness has not improved for this many generations")

@@ -180,7 +180,8 @@ class NAMM(Evictor):
         if self.calibrating:
             self._accumulate(ema, view.meta.valid)
         age = newest - positions
-        parts = [recency_features(age, cfg), normalise(ema, self.norm_mean.to(ema.device), self.norm_var.to(ema.device), cfg)]
+        z = normalise(ema, self.norm_mean.to(ema.device), self.norm_var.to(ema.device), cfg)
+        parts = [recency_features(age, cfg), z]
         if cfg.key_diff:
             parts.append(key_distinctiveness(view.keys, view.meta.valid)[..., None])
         return torch.cat(parts, dim=-1)

@@ -100,12 +100,26 @@ def status(out: Path) -> str:
     return "\n".join(lines)
 
 
+def run_version(log: dict) -> str:
+    """The scorer version an evolution log was made for, read from its fitness tasks: v3's ``retrieval-early``,
+    v2's likelihood tasks, v1's greedy-decoding ones (``scorer_version`` when the log has one)."""
+    if log.get("scorer_version"):
+        return log["scorer_version"]
+    tasks = log.get("tasks") or []
+    names = [str(t.get("name", "")) for t in tasks]
+    classes = {str(t.get("class", "")) for t in tasks}
+    if any(n.startswith("retrieval-early@") for n in names):
+        return "v3"
+    if classes & {"AnswerLikelihoodTask", "StreamingPerplexityTask"}:
+        return "v2"
+    if classes & {"CodeCompletionTask", "RetrievalTask"}:
+        return "v1"
+    raise SystemExit(f"cannot tell which scorer version this evolution log is for (tasks: {names})")
+
+
 def shipped_version(directory: Path) -> str:
-    """The version of the scorer shipped in ``directory``: its ``evolution.json``'s ``scorer_version`` (v3 on), else
-    v2 when a ``language-v1`` sits beside it, else v1."""
-    log = directory / "evolution.json"
-    version = json.loads(log.read_text()).get("scorer_version") if log.exists() else None
-    return version or ("v2" if (directory.parent / "language-v1").exists() else "v1")
+    """The version of the scorer shipped in ``directory`` (from its ``evolution.json``)."""
+    return run_version(json.loads((Path(directory) / "evolution.json").read_text()))
 
 
 def ship(out: Path, version: str) -> None:
@@ -114,6 +128,11 @@ def ship(out: Path, version: str) -> None:
     dest = SCORERS_DIR / "language"
     if not (out / "scorer.json").exists():
         raise SystemExit(f"no finished evolution in {out}")
+    log = json.loads((out / "evolution.json").read_text())
+    made_for = run_version(log)
+    if made_for != version:
+        raise SystemExit(f"{out} holds a {made_for} evolution, not {version}: pass --version {made_for} (or the "
+                         f"--out of the {version} run)")
     if dest.exists():
         previous = shipped_version(dest)
         if previous == version:
@@ -125,7 +144,6 @@ def ship(out: Path, version: str) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("scorer.json", "scorer.safetensors"):
         shutil.copy(out / name, dest / name)
-    log = json.loads((out / "evolution.json").read_text())
     log["scorer_version"] = version
     (dest / "evolution.json").write_text(json.dumps(log, indent=1) + "\n")
     plot_curve(log, dest / "fitness_curve.png")

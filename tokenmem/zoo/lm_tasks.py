@@ -122,19 +122,12 @@ def _retrieval(tok, files, rng, per_distance) -> list[dict]:
     for distance in DISTANCES:
         made = 0
         while made < per_distance:
-            name, value = planting.random_name(rng, ("SECRET",)), planting.random_value(rng)
-            start = int(rng.integers(0, len(lines) - 2000))
-            lead, chars, k = [], 0, start
-            while chars < 150:
-                lead.append(lines[k]); chars += len(lines[k]) + 1; k += 1
-            head = "\n".join(lead + [planting.definition(name, value)]) + "\n"
-            body, k = planting.filler_lines(tok, lines, k, distance)
-            text = head + "\n".join(body) + "\n" + planting.query_prefix(name)
-            if f"{name} " in "\n".join(body):
+            prompt = planting.early_retrieval_text(tok, lines, rng, distance)
+            if prompt is None:
                 continue
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            between = len(ids) - len(tok(head, add_special_tokens=False)["input_ids"])
-            out.append({"text": text, "input_ids": ids, "answer": value, "distance": distance,
+            ids = tok(prompt["text"], add_special_tokens=False)["input_ids"]
+            between = len(ids) - len(tok(prompt["head"], add_special_tokens=False)["input_ids"])
+            out.append({"text": prompt["text"], "input_ids": ids, "answer": prompt["value"], "distance": distance,
                         "measured_distance": between})
             made += 1
     return out

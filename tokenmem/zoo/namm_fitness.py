@@ -12,9 +12,9 @@ streamed in 128-token chunks with the memory evicting as it goes, as the evaluat
 * ``retrieval-early`` (v3): laid out as the eval split's retrieval prompts (:mod:`tokenmem.zoo.lm_tasks`): about
   150 characters of code, the definition, ``distance`` tokens of code (:data:`EARLY_DISTANCES`, the eval's
   distances), the query. The value sits near the start of the prompt, among its oldest tokens, as in the eval;
-  the v2 ``retrieval`` prompts put it 118-917 tokens in, and v2 learned to answer those but not the eval's
-  (``benchmarks/results/namm_fitness_tokens.md``). Each distance's prompts have one length,
-  ``distance + EARLY_EXTRA`` tokens (trimmed from the left, keeping at least :data:`EARLY_LEAD` tokens before
+  the v2 ``retrieval`` prompts put it 118-917 tokens in, and v2 learned to answer those
+  (``benchmarks/results/namm_fitness_tokens.md``) but not the eval's (``benchmarks/results/language.md``).
+  Each distance's prompts have one length, ``distance + EARLY_EXTRA`` tokens (trimmed from the left, keeping at least :data:`EARLY_LEAD` tokens before
   the definition), so they batch.
 
 Equal lengths let a task run its prompts in batches (no padding, so a fractional budget keeps the same count in
@@ -34,6 +34,7 @@ import torch
 from ..errors import TokenmemError
 from ..plugins.namm.likelihood import AnswerLikelihoodTask, StreamingPerplexityTask
 from . import DATA_DIR, planting
+from .lm_tasks import DISTANCES as EARLY_DISTANCES  # the eval's retrieval distances (256, 512, 1,024, 1,536)
 
 FITNESS_DIR = DATA_DIR / "namm_fitness"
 CODE_TOKENS = 1024
@@ -43,7 +44,6 @@ DISTANCES = (256, 512, 768, 1024)
 MAX_ANSWER = 24
 COUNTS = {"code-completion": 32, "retrieval": 32, "perplexity": 32, "retrieval-early": 32}
 BUDGETS = (0.25, 0.5)
-EARLY_DISTANCES = (256, 512, 1024, 1536)
 EARLY_EXTRA = 64  # prompt tokens beyond the distance: the lead, the definition and the query
 EARLY_LEAD = 8  # at least this many code tokens before the definition
 #: The fitness tasks of each scorer version (v2: the shipped ``language-v2``; v3: retrieval laid out as the eval's).
@@ -113,24 +113,17 @@ def _retrieval_early(tok, files, rng, per_distance) -> list[dict]:
     for distance in EARLY_DISTANCES:
         length, made = distance + EARLY_EXTRA, 0
         while made < per_distance:
-            name, value = planting.random_name(rng, ("SECRET",)), planting.random_value(rng)
-            start = int(rng.integers(0, len(lines) - 2000))
-            lead, chars, k = [], 0, start
-            while chars < 150:  # the eval's lead (lm_tasks._retrieval)
-                lead.append(lines[k]); chars += len(lines[k]) + 1; k += 1
-            body, k = planting.filler_lines(tok, lines, k, distance)
-            if f"{name} " in "\n".join(body):
+            prompt = planting.early_retrieval_text(tok, lines, rng, distance)  # laid out as the eval's prompts
+            if prompt is None:
                 continue
-            lead_text = "\n".join(lead) + "\n"
-            head = lead_text + planting.definition(name, value) + "\n"
-            text = head + "\n".join(body) + "\n" + planting.query_prefix(name)
+            text, value = prompt["text"], prompt["value"]
             ids = tok(text, add_special_tokens=False)["input_ids"]
             answer = _joint_suffix(tok, text, value)
             cut = len(ids) - length  # tokens trimmed from the left
-            definition_at = len(tok(lead_text, add_special_tokens=False)["input_ids"]) - cut
+            definition_at = len(tok(prompt["lead"], add_special_tokens=False)["input_ids"]) - cut
             if cut < 0 or answer is None or definition_at < EARLY_LEAD:
                 continue
-            between = len(ids) - len(tok(head, add_special_tokens=False)["input_ids"])
+            between = len(ids) - len(tok(prompt["head"], add_special_tokens=False)["input_ids"])
             out.append({"input_ids": ids[cut:], "answer_ids": answer, "answer": value, "distance": distance,
                         "measured_distance": between, "definition_at": definition_at})
             made += 1
@@ -177,6 +170,21 @@ def load(task: str, data_dir: Path = FITNESS_DIR) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _check_batches(name: str, records: list[dict], batch_size: int) -> None:
+    """A batch needs prompts of one length: ``batch_size`` must divide every run of equal-length prompts but the
+    last (``retrieval-early`` has 8 prompts per distance, each distance its own length)."""
+    runs: list[int] = []
+    for i, r in enumerate(records):
+        if i and len(r["input_ids"]) == len(records[i - 1]["input_ids"]):
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    if batch_size >= 1 and any(run % batch_size for run in runs[:-1]):
+        fits = [d for d in range(1, min(runs) + 1) if all(run % d == 0 for run in runs[:-1])]
+        raise TokenmemError(f"fitness task {name!r} has runs of {runs} equal-length prompts; batch_size="
+                            f"{batch_size} would mix lengths in a batch: use one of {fits}")
+
+
 def tasks(model=None, budgets=BUDGETS, limit: int | None = None, batch_size: int = 4, chunk: int = 128,
           version: str = "v2") -> list:
     """The fitness tasks of scorer ``version`` (:data:`VERSIONS`) at every budget, named ``{task}@{percent}``
@@ -196,6 +204,7 @@ def tasks(model=None, budgets=BUDGETS, limit: int | None = None, batch_size: int
         tag = f"@{round(budget * 100)}" if isinstance(budget, float) else f"@{budget}"
         for name in VERSIONS[version][:2]:
             records = load(name)[:limit]
+            _check_batches(name, records, batch_size)
             out.append(AnswerLikelihoodTask(name=name + tag, prompts=[r["input_ids"] for r in records],
                                             answers=[r["answer_ids"] for r in records], budget=budget, chunk=chunk,
                                             batch_size=batch_size, model=model))

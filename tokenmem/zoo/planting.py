@@ -47,6 +47,29 @@ def filler_lines(tok, lines: list[str], start: int, tokens: int) -> tuple[list[s
     return body, k
 
 
+def early_retrieval_text(tok, lines: list[str], rng: np.random.Generator, distance: int,
+                         lead_chars: int = 150) -> dict | None:
+    """A retrieval prompt laid out as the shipped ones (:mod:`tokenmem.zoo.lm_tasks`): whole lines of ``lines``
+    from a random one until they count ``lead_chars`` characters, the definition, at least ``distance`` tokens of
+    code (:func:`filler_lines`), the query. Returns ``{"text", "lead", "head", "value"}`` (``lead``: the code
+    before the definition, ``head``: with the definition), or None when the name occurs in the filler (draw
+    again; the random draws are the same either way)."""
+    name, value = random_name(rng, ("SECRET",)), random_value(rng)
+    start = int(rng.integers(0, len(lines) - 2000))
+    lead, chars, k = [], 0, start
+    while chars < lead_chars:
+        lead.append(lines[k])
+        chars += len(lines[k]) + 1
+        k += 1
+    body, k = filler_lines(tok, lines, k, distance)
+    if f"{name} " in "\n".join(body):
+        return None
+    lead_text = "\n".join(lead) + "\n"
+    head = lead_text + definition(name, value) + "\n"
+    return {"text": head + "\n".join(body) + "\n" + query_prefix(name), "lead": lead_text, "head": head,
+            "value": value}
+
+
 def distinct_names(rng: np.random.Generator, count: int) -> list[str]:
     names: list[str] = []
     while len(names) < count:
