@@ -214,6 +214,11 @@ def main(argv=None) -> int:
     path = str(args.model or shipped_dt_path())
     adapter = DecisionAdapter.from_pretrained(path)
     adapter.env_id = adapter.env_id or args.env
+    last = args.history + args.speed_steps * args.speed_repeats  # the largest timestep the speed rows reach
+    if last > adapter.max_ep_len:
+        raise SystemExit(f"--history {args.history} + --speed-steps {args.speed_steps} x --speed-repeats "
+                         f"{args.speed_repeats} = {last} timesteps, more than the model's max_ep_len "
+                         f"({adapter.max_ep_len}): lower one of them")
     plain = DecisionTransformerModel.from_pretrained(path).eval()  # sdpa, never prepared: the reference's model
     namm = NAMM.load(args.namm_scorer)
     namm_label = {"language": "namm (language-trained scorer)", "initial": "namm (initial scorer)"}.get(
