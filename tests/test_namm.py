@@ -83,9 +83,10 @@ def test_nonnegative_scorer_keeps_everything_and_matches_dynamic_cache(key_diff)
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_namm_generates_batch2_left_padded(family, dtype):
+@pytest.mark.parametrize("key_diff", [False, True])
+def test_namm_generates_batch2_left_padded(family, dtype, key_diff):
     model = tiny_model(family).to(dtype)
-    cfg = NAMMConfig(interval=32)
+    cfg = NAMMConfig(interval=32, key_diff=key_diff)
     g = torch.Generator().manual_seed(3)
     params = initial_params(cfg, score=0.0)
     params[-1 - cfg.features : -1] = torch.randn(cfg.features, generator=g)  # a linear scorer on the features
