@@ -11,7 +11,7 @@ divided by the scale; states normalised with the dataset's mean and std (+1e-6).
     python -m tokenmem.envs.train_dt --dataset tokenmem/hopper/medium-v0 --root runs/datasets \\
         --out runs/dt-hopper --time-limit 60 --eval-episodes 10 --export tokenmem/envs/models/hopper-medium-dt
 
-Checkpoints (model, optimizer, scheduler, both RNG states, step) go to ``OUT/checkpoint.pt`` every
+Checkpoints (model, optimizer, scheduler, both RNG states, step, the log and the losses not yet logged) go to ``OUT/checkpoint.pt`` every
 ``--checkpoint-every`` steps; ``--resume`` continues from it bit-for-bit on the same machine and thread count.
 The trained model is ``OUT/model`` (a ``from_pretrained`` directory whose ``config.tokenmem`` holds the env id,
 state statistics, K, return scale and target return that :class:`tokenmem.adapters.decision.DecisionAdapter`
@@ -151,7 +151,7 @@ def train(args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / args.warmup, 1.0))
     rng = np.random.default_rng(args.seed)
-    step, log = 0, []
+    step, log, losses = 0, [], []
     if ckpt_path.exists():
         if not args.resume:
             raise TokenmemError(f"{ckpt_path} exists; pass --resume to continue that run or choose another --out")
@@ -161,19 +161,20 @@ def train(args) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
-        step, log = state["step"], state["log"]
+        # the losses since the last log line (a kill between log lines must not drop them from the next one)
+        step, log, losses = state["step"], state["log"], state.get("losses", [])
         print(f"resuming {out} at step {step}", flush=True)
 
     def checkpoint():
         _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict(), "numpy_rng": rng.bit_generator.state,
                                      "torch_rng": torch.get_rng_state(), "step": step, "log": log,
-                                     "args": vars(args)})
+                                     "losses": losses, "args": vars(args)})
 
     from tqdm import tqdm
 
     model.train()
-    t0, start_step, losses = time.perf_counter(), step, []
+    t0, start_step = time.perf_counter(), step
     deadline = None if args.time_limit is None else t0 + 60 * args.time_limit
     bar = tqdm(total=args.steps, initial=step, desc="DT", disable=args.no_progress, mininterval=5)
     while step < args.steps:

@@ -258,6 +258,37 @@ def test_dt_trainer_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path,
             "resumes at the checkpoint; losses and final weights bit-identical to an uninterrupted run")
 
 
+def _train_dt_dying_after_checkpoint(args, at_step):
+    """``train_dt.main`` in a child that dies (as from SIGKILL) right after writing the checkpoint of ``at_step``."""
+    from tokenmem.envs import train_dt
+
+    save = train_dt._save_checkpoint
+
+    def save_then_die(path, state):
+        save(path, state)
+        if state["step"] == at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train_dt._save_checkpoint = save_then_die
+    train_dt.main(args)
+
+
+def test_dt_trainer_killed_between_log_lines_keeps_their_losses(tmp_path, dt_dataset):
+    """A kill after the checkpoint of step 14, between the log lines of steps 10 and 20: the resumed run's line at
+    step 20 still averages steps 11-20 (the losses of 11-14 travel in the checkpoint), as the uninterrupted run's."""
+    from tokenmem.envs import train_dt
+
+    steps = 30
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert train_dt.main(dt_args(dt_dataset, full, steps, every=10_000)) == 0
+    assert kill_when(_train_dt_dying_after_checkpoint, (dt_args(dt_dataset, cut, steps, every=2), 14),
+                     lambda: False) == -signal.SIGKILL
+    assert checkpoint_step(cut / "checkpoint.pt") == 14
+    assert train_dt.main([*dt_args(dt_dataset, cut, steps, every=2), "--resume"]) == 0
+    logs = [[(r["step"], r["loss"]) for r in load_torch(d / "checkpoint.pt")["log"]] for d in (full, cut)]
+    assert [s for s, _ in logs[0]] == [10, 20, 30] and logs[0] == logs[1]
+
+
 def test_dt_trainer_refuses_a_damaged_checkpoint(tmp_path, dt_dataset, capsys):
     from tokenmem.envs import train_dt
 
