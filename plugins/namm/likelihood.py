@@ -46,7 +46,9 @@ def _checked_prompts(name: str, prompts) -> list[torch.Tensor]:
 
 
 def _batches(name: str, prompts: list[torch.Tensor], batch_size: int) -> list[list[int]]:
-    """Consecutive prompt indices, ``batch_size`` at a time, each batch of one prompt length."""
+    """Consecutive prompt indices, ``batch_size`` at a time, each batch of one prompt length. When a batch would mix
+    lengths, the error names the batch sizes that would not: those dividing every run of consecutive equal-length
+    prompts but the last (e.g. 8 prompts per length: 1, 2, 4 or 8)."""
     if batch_size < 1:
         raise TokenmemError(f"task {name!r}: batch_size must be >= 1, got {batch_size}")
     out = []
@@ -54,8 +56,16 @@ def _batches(name: str, prompts: list[torch.Tensor], batch_size: int) -> list[li
         index = list(range(s, min(len(prompts), s + batch_size)))
         lengths = {prompts[i].numel() for i in index}
         if len(lengths) > 1:
-            raise TokenmemError(f"task {name!r}: prompts {index} have different lengths {sorted(lengths)}; a batch "
-                                "needs equal lengths (build equal-length prompts or use batch_size=1)")
+            runs: list[int] = []
+            for i, p in enumerate(prompts):
+                if i and p.numel() == prompts[i - 1].numel():
+                    runs[-1] += 1
+                else:
+                    runs.append(1)
+            fits = [d for d in range(1, min(runs) + 1) if all(run % d == 0 for run in runs[:-1])]
+            raise TokenmemError(f"task {name!r}: prompts {index} have different lengths {sorted(lengths)}; "
+                                f"batch_size={batch_size} would mix lengths in a batch: use one of {fits} (runs of "
+                                f"{runs} equal-length prompts), or build equal-length prompts")
         out.append(index)
     return out
 

@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--status", action="store_true", help="print where the run stands and exit")
     p.add_argument("--ship", action="store_true", help="copy the finished scorer into the package")
     args = p.parse_args(argv)
-    v2 = args.version != "v1"  # a likelihood fitness (v2 and v3)
+    likelihood = args.version != "v1"  # a likelihood fitness (v2 and v3)
     out = Path(args.out) if args.out else DEFAULT_OUT[args.version]
     if args.status:
         print(status(out))
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     from ..plugins.namm.config import NAMMConfig
     from ..plugins.namm.evolve import EvolveSettings, evolve
 
-    if v2:
+    if likelihood:
         from . import namm_fitness
 
         model = None
@@ -193,9 +193,10 @@ def main(argv=None) -> int:
         models = [t.model for t in tasks]
     else:
         tasks, models = build_tasks(args.code_prompts, args.retrieval_per_distance, args.model), None
-    settings = EvolveSettings(generations=args.generations or (40 if v2 else 30),
-                              population=args.population or (16 if v2 else 12), sigma=args.sigma, seed=args.seed,
-                              threads=1, patience=args.patience if args.patience is not None else (10 if v2 else None))
+    patience = args.patience if args.patience is not None else (10 if likelihood else None)
+    settings = EvolveSettings(generations=args.generations or (40 if likelihood else 30),
+                              population=args.population or (16 if likelihood else 12), sigma=args.sigma,
+                              seed=args.seed, threads=1, patience=patience)
     config = NAMMConfig(interval=INTERVAL, key_diff=args.version == "v3")
     result = evolve(tasks, out, settings=settings, config=config, models=models, resume=True)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -14,8 +14,8 @@ streamed in 128-token chunks with the memory evicting as it goes, as the evaluat
   distances), the query. The value sits near the start of the prompt, among its oldest tokens, as in the eval;
   the v2 ``retrieval`` prompts put it 118-917 tokens in, and v2 learned to answer those
   (``benchmarks/results/namm_fitness_tokens.md``) but not the eval's (``benchmarks/results/language.md``).
-  Each distance's prompts have one length, ``distance + EARLY_EXTRA`` tokens (trimmed from the left, keeping at least :data:`EARLY_LEAD` tokens before
-  the definition), so they batch.
+  Each distance's prompts have one length, ``distance + EARLY_EXTRA`` tokens (trimmed from the left, keeping at
+  least :data:`EARLY_LEAD` tokens before the definition), so they batch.
 
 Equal lengths let a task run its prompts in batches (no padding, so a fractional budget keeps the same count in
 every row as alone), which is what makes 32+ prompts per task affordable in every CMA-ES evaluation. The files
@@ -170,21 +170,6 @@ def load(task: str, data_dir: Path = FITNESS_DIR) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _check_batches(name: str, records: list[dict], batch_size: int) -> None:
-    """A batch needs prompts of one length: ``batch_size`` must divide every run of equal-length prompts but the
-    last (``retrieval-early`` has 8 prompts per distance, each distance its own length)."""
-    runs: list[int] = []
-    for i, r in enumerate(records):
-        if i and len(r["input_ids"]) == len(records[i - 1]["input_ids"]):
-            runs[-1] += 1
-        else:
-            runs.append(1)
-    if batch_size >= 1 and any(run % batch_size for run in runs[:-1]):
-        fits = [d for d in range(1, min(runs) + 1) if all(run % d == 0 for run in runs[:-1])]
-        raise TokenmemError(f"fitness task {name!r} has runs of {runs} equal-length prompts; batch_size="
-                            f"{batch_size} would mix lengths in a batch: use one of {fits}")
-
-
 def tasks(model=None, budgets=BUDGETS, limit: int | None = None, batch_size: int = 4, chunk: int = 128,
           version: str = "v2") -> list:
     """The fitness tasks of scorer ``version`` (:data:`VERSIONS`) at every budget, named ``{task}@{percent}``
@@ -204,7 +189,6 @@ def tasks(model=None, budgets=BUDGETS, limit: int | None = None, batch_size: int
         tag = f"@{round(budget * 100)}" if isinstance(budget, float) else f"@{budget}"
         for name in VERSIONS[version][:2]:
             records = load(name)[:limit]
-            _check_batches(name, records, batch_size)
             out.append(AnswerLikelihoodTask(name=name + tag, prompts=[r["input_ids"] for r in records],
                                             answers=[r["answer_ids"] for r in records], budget=budget, chunk=chunk,
                                             batch_size=batch_size, model=model))
