@@ -97,6 +97,47 @@ def test_reports_of_separate_modality_runs_merge(tmp_path):
         transfer.merge_reports([json.loads(Path(parts[0]).read_text()), other])
 
 
+def test_rows_of_a_later_run_replace_the_same_rows(tmp_path):
+    """--update-from: a re-run of one evictor replaces exactly its rows; a new NAMM scorer must replace them all."""
+    from pathlib import Path
+
+    from tokenmem.plugins.namm import NAMM
+
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "transfer" /
+                          "transfer.json").read_text())
+    digest = transfer.scorer_digest(NAMM.load("initial"))
+    assert digest == transfer.scorer_digest(NAMM.load("initial")) and len(digest) == 12
+    assert digest != transfer.scorer_digest(NAMM.load("language-v1"))
+    namm = [dict(r, score=r["score"] + 1.0) for r in shipped["rows"] if r["evictor"] == "namm"]
+    update = dict(shipped, rows=namm, evictors=["namm"], scorer="initial", scorer_digest=digest, date="2099-01-01",
+                  seconds={m: 60.0 for m in shipped["modalities"]}, command="tokenmem bench --evictors namm")
+    base_path, update_path = tmp_path / "base.json", tmp_path / "update.json"
+    base_path.write_text(json.dumps(shipped))
+    update_path.write_text(json.dumps(update))
+    out = tmp_path / "updated"
+    assert transfer.main(["--from-json", str(base_path), "--update-from", str(update_path), "--out", str(out),
+                          "--no-plots"]) == 0
+    merged = json.loads((out / "transfer.json").read_text())
+    assert len(merged["rows"]) == len(shipped["rows"])
+    for old, got in zip(shipped["rows"], merged["rows"]):  # same order; only NAMM's rows changed
+        assert got == (dict(old, score=old["score"] + 1.0) if old["evictor"] == "namm" else old)
+    assert (merged["scorer"], merged["scorer_digest"], merged["date"]) == ("initial", digest, "2099-01-01")
+    assert merged["updates"][0]["command"] == "tokenmem bench --evictors namm"
+    text = (out / "transfer.md").read_text()
+    assert "re-run on 2099-01-01" in text and "`tokenmem bench --evictors namm`" in text and digest in text
+    language_only = dict(update, rows=[r for r in namm if r["modality"] == "language"], modalities=["language"])
+    with pytest.raises(TokenmemError, match="leaves 6 NAMM rows of the old scorer"):
+        transfer.update_report(shipped, language_only)  # video, video-qwen2vl and rl would keep the old scorer
+    same = dict(shipped, scorer_digest=digest, scorer="initial")
+    assert transfer.update_report(same, language_only)["rows"] != same["rows"]  # same scorer: a partial re-run is fine
+    with pytest.raises(TokenmemError, match="different size"):
+        transfer.update_report(shipped, dict(update, size="smoke"))
+    with pytest.raises(TokenmemError, match="modalities the base report lacks"):
+        transfer.update_report(dict(shipped, modalities=["language"]), update)
+    with pytest.raises(TokenmemError, match="needs --from-json"):
+        transfer.main(["--update-from", str(update_path), "--out", str(out)])
+
+
 def test_separator_runs_only_where_separators_exist():
     assert ("separator", 0.25) in transfer.configs("language", transfer.EVICTORS, (0.25,))
     assert all(name != "separator" for name, _ in transfer.configs("video", transfer.EVICTORS, (0.25,)))
@@ -127,6 +168,9 @@ def test_bench_smoke_runs_every_modality_on_the_shipped_models(tmp_path, capsys)
     assert transfer.main(["--smoke", "--evictors", "full", "namm", "--budgets", "0.25", "--out", str(out),
                           "--readme", str(readme), "--threads", "2"]) == 0
     report = json.loads((out / "transfer.json").read_text())
+    from tokenmem.plugins.namm import NAMM
+
+    assert report["scorer_digest"] == transfer.scorer_digest(NAMM.load("language"))
     got = {(r["modality"], r["evictor"], r["budget"]) for r in report["rows"]}
     assert got == {(m, e, b) for m in transfer.MODALITIES for e, b in (("full", None), ("namm", 0.25))}
     for r in report["rows"]:

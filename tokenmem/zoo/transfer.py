@@ -288,7 +288,7 @@ def run(modalities=MODALITIES, evictors=None, budgets=BUDGETS, size: str = "full
         rows += RUNNERS[modality](evictors, budgets, SIZES[size], namm, progress)
         seconds[modality] = round(time.perf_counter() - t0, 1)
     return {"rows": [asdict(r) for r in rows], "size": size, "sizes": SIZES[size], "scorer": str(scorer),
-            "budgets": list(budgets), "evictors": list(evictors), "modalities": list(modalities),
+            "scorer_digest": scorer_digest(namm) if namm is not None else None, "budgets": list(budgets), "evictors": list(evictors), "modalities": list(modalities),
             "seconds": seconds, "total_seconds": round(time.time() - started, 1),
             "machine": {"cpus": _cpus(), "threads": torch.get_num_threads(), "platform": platform.platform(),
                         "python": platform.python_version(), "torch": torch.__version__,
@@ -334,6 +334,59 @@ def merge_reports(reports: list[dict]) -> dict:
     return merged
 
 
+def scorer_digest(namm) -> str:
+    """A short fingerprint of a NAMM scorer's contents (config, parameters, normalisation): two reports that both
+    name the scorer ``language`` may still hold different versions of it."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(namm.config.to_dict(), sort_keys=True).encode())
+    for t in (namm.params, namm.norm_mean, namm.norm_var):
+        h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def update_report(base: dict, update: dict) -> dict:
+    """``base`` with the rows of ``update`` in place of its rows of the same (modality, evictor, budget): re-run one
+    evictor (``tokenmem bench --evictors namm ...``) without re-running the others. ``update``'s modalities must be
+    among ``base``'s, with the same size and budgets. When the NAMM scorer differs (another name, another digest,
+    or a base without a digest), ``update`` must re-run every NAMM row of ``base``, so no report mixes scorers.
+    The update is recorded in ``updates`` (its command, date, evictors and seconds) and named in the report."""
+    for key in ("size", "budgets"):
+        if json.dumps(base.get(key)) != json.dumps(update.get(key)):
+            raise TokenmemError(f"cannot update a transfer report with a run of different {key}: "
+                                f"{base.get(key)} vs {update.get(key)}; re-run with the base report's settings")
+    extra = [m for m in update["modalities"] if m not in base["modalities"]]
+    if extra:
+        raise TokenmemError(f"the update runs modalities the base report lacks ({extra}); merge separate modality "
+                            "runs with --from-json alone")
+    key = lambda row: (row["modality"], row["evictor"], row["budget"])  # noqa: E731
+    new = {key(r): r for r in update["rows"]}
+    same_scorer = (update.get("scorer") == base.get("scorer") and base.get("scorer_digest") is not None
+                   and update.get("scorer_digest") == base.get("scorer_digest"))
+    if not same_scorer:
+        stale = [k for k in map(key, base["rows"]) if k[1] == "namm" and k not in new]
+        if stale:
+            raise TokenmemError(f"the update's NAMM scorer ({update.get('scorer')}, {update.get('scorer_digest')}) is "
+                                f"not the base report's ({base.get('scorer')}, {base.get('scorer_digest')}), but it "
+                                f"leaves {len(stale)} NAMM rows of the old scorer (e.g. {stale[0]}); re-run namm on "
+                                "every modality and budget of the base report")
+    rows, seen = [], set()
+    for r in base["rows"]:
+        rows.append(new.get(key(r), r))
+        seen.add(key(r))
+    rows += [r for r in update["rows"] if key(r) not in seen]  # rows the base lacked (e.g. a new evictor)
+    merged = dict(base, rows=sorted(rows, key=lambda row: base["modalities"].index(row["modality"])))
+    if any(r["evictor"] == "namm" for r in update["rows"]):
+        merged["scorer"], merged["scorer_digest"] = update.get("scorer"), update.get("scorer_digest")
+    merged["evictors"] = list(dict.fromkeys([*base["evictors"], *update["evictors"]]))
+    merged["updates"] = [*base.get("updates", []),
+                         {"command": update.get("command"), "date": update["date"], "evictors": update["evictors"],
+                          "modalities": update["modalities"], "seconds": update["seconds"],
+                          "machine": update.get("machine")}]
+    merged["date"] = max(base["date"], update["date"])
+    return merged
+
+
 def _cpus() -> int:
     import os
 
@@ -368,6 +421,9 @@ def add_arguments(p) -> None:
     p.add_argument("--from-json", nargs="+", default=None, metavar="PATH",
                    help="run nothing: rewrite the report, plots (and --readme) from an earlier transfer.json (several: "
                         "runs of different modalities, merged)")
+    p.add_argument("--update-from", nargs="+", default=None, metavar="PATH",
+                   help="with --from-json: the transfer.json of later runs of some evictors (e.g. --evictors namm "
+                        "after a new scorer) whose rows replace the same rows of the --from-json report")
 
 
 def main_from_args(args, command: str) -> int:
@@ -385,6 +441,12 @@ def main_from_args(args, command: str) -> int:
             reports.append(json.loads(source.read_text(encoding="utf-8")))
         report = merge_reports(reports)
         command = report.get("command") or command
+        for source in map(Path, args.update_from or []):
+            if not source.is_file():
+                raise TokenmemError(f"--update-from {source}: no such file; give the transfer.json of a later run")
+            report = update_report(report, json.loads(source.read_text(encoding="utf-8")))
+    elif args.update_from:
+        raise TokenmemError("--update-from needs --from-json: the report whose rows it replaces")
     else:
         report = run(args.modalities, args.evictors, args.budgets, args.size, args.scorer, args.threads)
     files = write(report, Path(args.out), command=command, make_plots=not args.no_plots,
