@@ -260,24 +260,28 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="model directory (default: the shipped stdlib Llama)")
     add_evictors_argument(p)
     p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
-    p.add_argument("--scorer", default=None, help="NAMM scorer: a shipped name (default: language, the v2 scorer; "
-                                                  "language-v1), 'initial' or a scorer directory")
+    p.add_argument("--scorer", default=None, help="NAMM scorer: a shipped name (default: language; or "
+                                                  "language-v1, ...), 'initial' or a scorer directory; rows of "
+                                                  "another scorer than language are named 'namm (<scorer>)'")
     p.add_argument("--quick", action="store_true", help="a few prompts per task (smoke test)")
     p.add_argument("--peers", action="store_true", help="kvpress presses instead of tokenmem evictors")
     p.add_argument("--presses", nargs="+", default=list(PRESSES))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
-    p.add_argument("--merge", nargs="+", default=None, help="merge JSON files written by --json and report them")
+    p.add_argument("--merge", nargs="+", default=None,
+                   help="merge JSON files written by --json and report them (a later file's row replaces an earlier "
+                        "file's row of the same method and budget, e.g. namm re-run with a new scorer)")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
     p.add_argument("--plot", default=None, help="write a score-vs-KV plot (PNG)")
     args = p.parse_args(argv)
 
     if args.merge:
-        rows, meta = [], {}
-        for path in args.merge:
+        rows, meta = {}, {}
+        for path in args.merge:  # a later file's row replaces an earlier one of the same method and budget
             data = json.loads(Path(path).read_text())
-            rows += data["rows"]
+            rows.update({(r["method"], r["budget"]): r for r in data["rows"]})
             meta = meta or data["meta"]
+        rows = list(rows.values())
         meta["wall_s"] = round(sum(json.loads(Path(x).read_text())["meta"]["wall_s"] for x in args.merge), 1)
     else:
         import transformers
@@ -317,6 +321,8 @@ def main(argv=None) -> int:
                     if ev == "full":
                         continue
                     rows.append(run_evictor(model, tasks, ev, budget, scorer))
+                    if ev == "namm" and args.scorer not in (None, "language"):  # another scorer: named in the row
+                        rows[-1]["method"] = f"namm ({Path(args.scorer).name or args.scorer})"
                     print(json.dumps(rows[-1]), flush=True)
         meta = {"date": datetime.date.today().isoformat(), "model": model_path, "quick": args.quick,
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
