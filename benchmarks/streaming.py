@@ -10,7 +10,7 @@ language scorer (``NAMM.pretrained("language")``, or ``--scorer``).
 The ratio column is ``tokens/s of h2o / tokens/s of the row`` at the same budget: NAMM's target (issue 16) is a
 prefill ratio of at most 1.3.
 
-    python benchmarks/streaming.py [--evictors full,sink,h2o,namm] [--budgets 0.25,0.5] [--repeat 5]
+    python benchmarks/streaming.py [--evictors full,sink,h2o,namm] [--budgets 0.25,0.5] [--repeat 5] [--breakdown]
                                    [--prompts 6] [--chunk 128] [--decode 64] [--threads 1] [--out DIR]
 """
 
@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--scorer", default="language", help="NAMM scorer: a shipped name, 'initial' or a path")
     p.add_argument("--out", default=str(RESULTS), help="directory for streaming.json / streaming.md ('' = none)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="after the rounds, stream the prompts once more with NAMM at each budget, timing its own parts "
+                        "(spectrogram/EMA update, features, BAM scorer) and give their share of the prefill")
     return p.parse_args(argv)
 
 
@@ -109,6 +112,8 @@ def main(argv=None) -> int:
         r["decode_h2o_over_row"] = (ref["decode_tokens_per_s"] / r["decode_tokens_per_s"]
                                     if ref and args.decode else None)
     md = render(rows, args, tokens, len(prompts))
+    if args.breakdown and scorer is not None:
+        md += "\n" + namm_breakdown(model, memory, prompts, budgets, args.chunk)
     print(md)
     if args.out:
         out = Path(args.out)
@@ -117,6 +122,47 @@ def main(argv=None) -> int:
                                                         "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
         (out / "streaming.md").write_text(md)
     return 0
+
+
+def namm_breakdown(model, memory, prompts, budgets, chunk: int) -> str:
+    """Prefill seconds of NAMM's own parts, timed by wrapping the functions its evictor calls (one more pass)."""
+    from tokenmem.plugins.namm import evictor as namm_evictor
+
+    parts = {"update_ema_aligned": "spectrogram + EMA update (every chunk)", "features": "features (recency, "
+             "normalised EMA, key distinctiveness)", "bam_scores": "BAM scorer (backward attention, every eviction)"}
+    spent = {name: 0.0 for name in parts}
+    calls = {name: 0 for name in parts}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t0
+                calls[name] += 1
+        return wrapper
+
+    originals = {"update_ema_aligned": namm_evictor.update_ema_aligned, "bam_scores": namm_evictor.bam_scores,
+                 "features": namm_evictor.NAMM.features}
+    lines = ["NAMM's own prefill work (one more pass over the prompts; its functions timed where the evictor calls "
+             "them):", "", "| budget | prefill s | " + " | ".join(parts.values()) + " |", "|---|---:|" + "---:|" * len(parts)]
+    try:
+        namm_evictor.update_ema_aligned = timed("update_ema_aligned", originals["update_ema_aligned"])
+        namm_evictor.bam_scores = timed("bam_scores", originals["bam_scores"])
+        namm_evictor.NAMM.features = timed("features", originals["features"])
+        for budget in budgets:
+            for name in parts:
+                spent[name], calls[name] = 0.0, 0
+            total = sum(stream(model, memory("namm", budget), p, chunk, 0)[0] for p in prompts)
+            cells = [f"{spent[n]:.2f} s ({spent[n] / total:.0%}; {1000 * spent[n] / max(calls[n], 1):.2f} ms x "
+                     f"{calls[n]})" for n in parts]
+            lines.append(f"| {budget:.0%} | {total:.2f} | " + " | ".join(cells) + " |")
+    finally:
+        namm_evictor.update_ema_aligned = originals["update_ema_aligned"]
+        namm_evictor.bam_scores = originals["bam_scores"]
+        namm_evictor.NAMM.features = originals["features"]
+    return "\n".join(lines) + "\n"
 
 
 def render(rows, args, tokens, prompts) -> str:
