@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     md = render(rows, args, tokens, len(prompts))
     if args.breakdown and scorer is not None:
         md += "\n" + namm_breakdown(model, memory, prompts, budgets, args.chunk)
+    elif args.breakdown:
+        print("--breakdown times NAMM's parts: add namm to --evictors", file=sys.stderr)
     print(md)
     if args.out:
         out = Path(args.out)
@@ -128,8 +130,9 @@ def namm_breakdown(model, memory, prompts, budgets, chunk: int) -> str:
     """Prefill seconds of NAMM's own parts, timed by wrapping the functions its evictor calls (one more pass)."""
     from tokenmem.plugins.namm import evictor as namm_evictor
 
-    parts = {"update_ema_aligned": "spectrogram + EMA update (every chunk)", "features": "features (recency, "
-             "normalised EMA, key distinctiveness)", "bam_scores": "BAM scorer (backward attention, every eviction)"}
+    parts = {"update_ema": "spectrogram + EMA update (every chunk)",
+             "features": "features (recency, normalised EMA, key distinctiveness)",
+             "bam_scores": "BAM scorer (backward attention, every eviction)"}
     spent = {name: 0.0 for name in parts}
     calls = {name: 0 for name in parts}
 
@@ -143,23 +146,26 @@ def namm_breakdown(model, memory, prompts, budgets, chunk: int) -> str:
                 calls[name] += 1
         return wrapper
 
-    originals = {"update_ema_aligned": namm_evictor.update_ema_aligned, "bam_scores": namm_evictor.bam_scores,
-                 "features": namm_evictor.NAMM.features}
-    lines = ["NAMM's own prefill work (one more pass over the prompts; its functions timed where the evictor calls "
-             "them):", "", "| budget | prefill s | " + " | ".join(parts.values()) + " |", "|---|---:|" + "---:|" * len(parts)]
+    originals = {"update_ema_aligned": namm_evictor.update_ema_aligned, "update_ema": namm_evictor.update_ema,
+                 "bam_scores": namm_evictor.bam_scores, "features": namm_evictor.NAMM.features}
+    lines = ["NAMM's own prefill work (one more pass over the prompts; its functions timed where the evictor "
+             "calls them):", "", "| budget | prefill s | " + " | ".join(parts.values()) + " |",
+             "|---|---:|" + "---:|" * len(parts)]
     try:
-        namm_evictor.update_ema_aligned = timed("update_ema_aligned", originals["update_ema_aligned"])
+        namm_evictor.update_ema_aligned = timed("update_ema", originals["update_ema_aligned"])  # n_fft == 2 hop
+        namm_evictor.update_ema = timed("update_ema", originals["update_ema"])  # any other STFT setting
         namm_evictor.bam_scores = timed("bam_scores", originals["bam_scores"])
         namm_evictor.NAMM.features = timed("features", originals["features"])
         for budget in budgets:
             for name in parts:
                 spent[name], calls[name] = 0.0, 0
-            total = sum(stream(model, memory("namm", budget), p, chunk, 0)[0] for p in prompts)
+            total = max(sum(stream(model, memory("namm", budget), p, chunk, 0)[0] for p in prompts), 1e-9)
             cells = [f"{spent[n]:.2f} s ({spent[n] / total:.0%}; {1000 * spent[n] / max(calls[n], 1):.2f} ms x "
                      f"{calls[n]})" for n in parts]
             lines.append(f"| {budget:.0%} | {total:.2f} | " + " | ".join(cells) + " |")
     finally:
         namm_evictor.update_ema_aligned = originals["update_ema_aligned"]
+        namm_evictor.update_ema = originals["update_ema"]
         namm_evictor.bam_scores = originals["bam_scores"]
         namm_evictor.NAMM.features = originals["features"]
     return "\n".join(lines) + "\n"

@@ -11,8 +11,9 @@ divided by the scale; states normalised with the dataset's mean and std (+1e-6).
     python -m tokenmem.envs.train_dt --dataset tokenmem/hopper/medium-v0 --root runs/datasets \\
         --out runs/dt-hopper --time-limit 60 --eval-episodes 10 --export tokenmem/envs/models/hopper-medium-dt
 
-Checkpoints (model, optimizer, scheduler, both RNG states, step, the log and the losses not yet logged) go to ``OUT/checkpoint.pt`` every
-``--checkpoint-every`` steps; ``--resume`` continues from it bit-for-bit on the same machine and thread count.
+Checkpoints (model, optimizer, scheduler, both RNG states, step, the log and the losses not yet logged) go to
+``OUT/checkpoint.pt`` every ``--checkpoint-every`` steps; ``--resume`` continues from it bit-for-bit on the same
+machine and thread count.
 The trained model is ``OUT/model`` (a ``from_pretrained`` directory whose ``config.tokenmem`` holds the env id,
 state statistics, K, return scale and target return that :class:`tokenmem.adapters.decision.DecisionAdapter`
 reads).

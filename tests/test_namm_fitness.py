@@ -178,6 +178,13 @@ def test_v3_retrieval_prompts_are_laid_out_as_the_eval_split():
         namm_fitness.tasks(model=object(), version="v3", batch_size=3)
     with pytest.raises(TokenmemError, match="unknown NAMM fitness version"):
         namm_fitness.tasks(model=object(), version="v9")
+    from tokenmem.plugins.namm.likelihood import _batches
+
+    prompts = [torch.zeros(n) for n in [10] * 8 + [12] * 8 + [14] * 3]  # runs of 8, 8 and a last run of 3
+    assert _batches("t", prompts, 4)[-1] == [16, 17, 18]  # the last run may end in a short batch
+    fits = r"batch_size=3 would mix .*use one of \[1, 2, 4, 8\] \(runs of \[8, 8, 3\]"
+    with pytest.raises(TokenmemError, match=fits):
+        _batches("t", prompts, 3)
 
 
 def test_shipping_keeps_the_previous_scorer_loadable_under_its_version(tmp_path, monkeypatch):

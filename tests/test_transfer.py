@@ -95,6 +95,9 @@ def test_reports_of_separate_modality_runs_merge(tmp_path):
     other = dict(json.loads(Path(parts[1]).read_text()), scorer="initial")
     with pytest.raises(TokenmemError, match="different scorer"):
         transfer.merge_reports([json.loads(Path(parts[0]).read_text()), other])
+    other = dict(json.loads(Path(parts[1]).read_text()), scorer_digest="0123456789ab")  # same name, other contents
+    with pytest.raises(TokenmemError, match="different scorer_digest"):
+        transfer.merge_reports([json.loads(Path(parts[0]).read_text()), other])
 
 
 def test_rows_of_a_later_run_replace_the_same_rows(tmp_path):
@@ -121,7 +124,7 @@ def test_rows_of_a_later_run_replace_the_same_rows(tmp_path):
     assert len(merged["rows"]) == len(shipped["rows"])
     for old, got in zip(shipped["rows"], merged["rows"]):  # same order; only NAMM's rows changed
         assert got == (dict(old, score=old["score"] + 1.0) if old["evictor"] == "namm" else old)
-    assert (merged["scorer"], merged["scorer_digest"], merged["date"]) == ("initial", digest, "2099-01-01")
+    assert (merged["scorer"], merged["scorer_digest"], merged["date"]) == ("initial", digest, shipped["date"])
     assert merged["updates"][0]["command"] == "tokenmem bench --evictors namm"
     text = (out / "transfer.md").read_text()
     assert "re-run on 2099-01-01" in text and "`tokenmem bench --evictors namm`" in text and digest in text
@@ -130,6 +133,12 @@ def test_rows_of_a_later_run_replace_the_same_rows(tmp_path):
         transfer.update_report(shipped, language_only)  # video, video-qwen2vl and rl would keep the old scorer
     same = dict(shipped, scorer_digest=digest, scorer="initial")
     assert transfer.update_report(same, language_only)["rows"] != same["rows"]  # same scorer: a partial re-run is fine
+    h2o = [dict(r, score=0.0) for r in shipped["rows"] if r["evictor"] == "h2o" and r["modality"] == "rl"]
+    h2o_only = dict(update, rows=h2o, evictors=["h2o"], modalities=["rl"], scorer="language", scorer_digest=None)
+    got = transfer.update_report(shipped, h2o_only)  # no NAMM rows: the scorer does not matter
+    for old, new in zip(shipped["rows"], got["rows"]):
+        assert new == (dict(old, score=0.0) if (old["modality"], old["evictor"]) == ("rl", "h2o") else old)
+    assert got["scorer"] == shipped["scorer"] and got.get("scorer_digest") == shipped.get("scorer_digest")
     with pytest.raises(TokenmemError, match="different size"):
         transfer.update_report(shipped, dict(update, size="smoke"))
     with pytest.raises(TokenmemError, match="modalities the base report lacks"):

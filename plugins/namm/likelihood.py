@@ -62,7 +62,8 @@ def _batches(name: str, prompts: list[torch.Tensor], batch_size: int) -> list[li
                     runs[-1] += 1
                 else:
                     runs.append(1)
-            fits = [d for d in range(1, min(runs) + 1) if all(run % d == 0 for run in runs[:-1])]
+            whole = math.gcd(*runs[:-1])  # a batch size fits when it divides every run but the last
+            fits = [d for d in range(1, whole + 1) if whole % d == 0]
             raise TokenmemError(f"task {name!r}: prompts {index} have different lengths {sorted(lengths)}; "
                                 f"batch_size={batch_size} would mix lengths in a batch: use one of {fits} (runs of "
                                 f"{runs} equal-length prompts), or build equal-length prompts")

@@ -288,7 +288,8 @@ def run(modalities=MODALITIES, evictors=None, budgets=BUDGETS, size: str = "full
         rows += RUNNERS[modality](evictors, budgets, SIZES[size], namm, progress)
         seconds[modality] = round(time.perf_counter() - t0, 1)
     return {"rows": [asdict(r) for r in rows], "size": size, "sizes": SIZES[size], "scorer": str(scorer),
-            "scorer_digest": scorer_digest(namm) if namm is not None else None, "budgets": list(budgets), "evictors": list(evictors), "modalities": list(modalities),
+            "scorer_digest": scorer_digest(namm) if namm is not None else None, "budgets": list(budgets),
+            "evictors": list(evictors), "modalities": list(modalities),
             "seconds": seconds, "total_seconds": round(time.time() - started, 1),
             "machine": {"cpus": _cpus(), "threads": torch.get_num_threads(), "platform": platform.platform(),
                         "python": platform.python_version(), "torch": torch.__version__,
@@ -315,7 +316,7 @@ def merge_reports(reports: list[dict]) -> dict:
     if not reports:
         raise TokenmemError("no reports to merge")
     first = reports[0]
-    for key in ("size", "scorer", "budgets"):
+    for key in ("size", "scorer", "scorer_digest", "budgets"):
         values = {json.dumps(r.get(key)) for r in reports}
         if len(values) > 1:
             raise TokenmemError(f"cannot merge transfer reports with different {key}: {sorted(values)}")
@@ -361,9 +362,9 @@ def update_report(base: dict, update: dict) -> dict:
                             "runs with --from-json alone")
     key = lambda row: (row["modality"], row["evictor"], row["budget"])  # noqa: E731
     new = {key(r): r for r in update["rows"]}
-    same_scorer = (update.get("scorer") == base.get("scorer") and base.get("scorer_digest") is not None
-                   and update.get("scorer_digest") == base.get("scorer_digest"))
-    if not same_scorer:
+    reruns_namm = any(r["evictor"] == "namm" for r in update["rows"])
+    same_scorer = base.get("scorer_digest") is not None and update.get("scorer_digest") == base.get("scorer_digest")
+    if reruns_namm and not same_scorer:
         stale = [k for k in map(key, base["rows"]) if k[1] == "namm" and k not in new]
         if stale:
             raise TokenmemError(f"the update's NAMM scorer ({update.get('scorer')}, {update.get('scorer_digest')}) is "
@@ -376,15 +377,14 @@ def update_report(base: dict, update: dict) -> dict:
         seen.add(key(r))
     rows += [r for r in update["rows"] if key(r) not in seen]  # rows the base lacked (e.g. a new evictor)
     merged = dict(base, rows=sorted(rows, key=lambda row: base["modalities"].index(row["modality"])))
-    if any(r["evictor"] == "namm" for r in update["rows"]):
+    if reruns_namm:
         merged["scorer"], merged["scorer_digest"] = update.get("scorer"), update.get("scorer_digest")
     merged["evictors"] = list(dict.fromkeys([*base["evictors"], *update["evictors"]]))
-    merged["updates"] = [*base.get("updates", []),
+    merged["updates"] = [*base.get("updates", []), *update.get("updates", []),
                          {"command": update.get("command"), "date": update["date"], "evictors": update["evictors"],
                           "modalities": update["modalities"], "seconds": update["seconds"],
                           "machine": update.get("machine")}]
-    merged["date"] = max(base["date"], update["date"])
-    return merged
+    return merged  # "date" and "machine" stay the base run's: each update names its own
 
 
 def _cpus() -> int:

@@ -115,14 +115,16 @@ def markdown(report: dict, command: str | None = None) -> str:
     m = report["machine"]
     lines = [f"Measured {report['date']} on {m['cpus']} CPU cores ({m['threads']} torch threads, {m['platform']}; "
              f"torch {m['torch']}, transformers {m['transformers']}), size `{report['size']}` "
-             f"({', '.join(f'{k} {v}' for k, v in report['sizes'].items())}); NAMM scorer `{report['scorer']}`{_digest(report)} "
+             f"({', '.join(f'{k} {v}' for k, v in report['sizes'].items())}); "
+             f"NAMM scorer `{report['scorer']}`{_digest(report)} "
              f"(evolved on language), unchanged on every modality. Budgets are fractions of the tokens seen. "
              f"Run time: {report['total_seconds'] / 60:.1f} min "
              f"({', '.join(f'{k} {v / 60:.1f}' for k, v in report['seconds'].items())})."]
     if command:
         lines += ["", f"Regenerate: `{command}`"]
     for u in report.get("updates", []):
-        lines += ["", f"Then the rows of {', '.join(u['evictors'])} on {', '.join(u['modalities'])} re-run on {u['date']} "
+        lines += ["", f"Then the rows of {', '.join(u['evictors'])} on {', '.join(u['modalities'])} "
+                      f"re-run on {u['date']} "
                       f"({sum(u['seconds'].values()) / 60:.1f} min): `{u['command']}`, put in place of the rows above "
                       f"with `tokenmem bench --from-json <this report's transfer.json> --update-from <its "
                       f"transfer.json>`."]
