@@ -260,8 +260,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="model directory (default: the shipped stdlib Llama)")
     add_evictors_argument(p)
     p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
-    p.add_argument("--scorer", default=None, help="NAMM scorer: a shipped name (default: language; or "
-                                                  "language-v1, ...), 'initial' or a scorer directory; rows of "
+    p.add_argument("--scorer", default=None, help="NAMM scorer: a shipped name (default: language, the v3 scorer; or "
+                                                  "language-v2, language-v1), 'initial' or a scorer directory; rows of "
                                                   "another scorer than language are named 'namm (<scorer>)'")
     p.add_argument("--quick", action="store_true", help="a few prompts per task (smoke test)")
     p.add_argument("--peers", action="store_true", help="kvpress presses instead of tokenmem evictors")

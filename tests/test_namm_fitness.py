@@ -195,16 +195,19 @@ def test_shipping_keeps_the_previous_scorer_loadable_under_its_version(tmp_path,
     from tokenmem.plugins.namm.scorer import initial_params
     from tokenmem.zoo import evolve_language
 
-    scorers = tmp_path / "scorers"
-    for name in ("language", "language-v1"):
-        shutil.copytree(zoo.SCORERS_DIR / name, scorers / name)
+    shipped = {name: evolve_language.shipped_version(zoo.SCORERS_DIR / name)
+               for name in ("language", "language-v2", "language-v1")}
+    assert shipped == {"language": "v3", "language-v2": "v2", "language-v1": "v1"}  # what the package ships
+    scorers = tmp_path / "scorers"  # as it was before v3 shipped
+    for name, source in (("language", "language-v2"), ("language-v1", "language-v1")):
+        shutil.copytree(zoo.SCORERS_DIR / source, scorers / name)
     monkeypatch.setattr(zoo, "SCORERS_DIR", scorers)
     run = tmp_path / "run"
     cfg = NAMMConfig(interval=128, key_diff=True)
     NAMM(cfg, initial_params(cfg)).save(run)
     assert evolve_language.shipped_version(scorers / "language") == "v2"  # read from the logs' tasks
     assert evolve_language.shipped_version(scorers / "language-v1") == "v1"
-    log = json.loads((zoo.SCORERS_DIR / "language" / "evolution.json").read_text())
+    log = json.loads((scorers / "language" / "evolution.json").read_text())  # the v2 run's log
     (run / "evolution.json").write_text(json.dumps(log))
     with pytest.raises(SystemExit, match="holds a v2 evolution, not v3"):
         evolve_language.ship(run, "v3")  # a v2 run is never shipped as v3

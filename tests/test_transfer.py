@@ -113,7 +113,7 @@ def test_rows_of_a_later_run_replace_the_same_rows(tmp_path):
     assert digest != transfer.scorer_digest(NAMM.load("language-v1"))
     namm = [dict(r, score=r["score"] + 1.0) for r in shipped["rows"] if r["evictor"] == "namm"]
     update = dict(shipped, rows=namm, evictors=["namm"], scorer="initial", scorer_digest=digest, date="2099-01-01",
-                  seconds={m: 60.0 for m in shipped["modalities"]}, command="tokenmem bench --evictors namm")
+                  seconds={m: 60.0 for m in shipped["modalities"]}, command="tokenmem bench --evictors namm", updates=[])
     base_path, update_path = tmp_path / "base.json", tmp_path / "update.json"
     base_path.write_text(json.dumps(shipped))
     update_path.write_text(json.dumps(update))
@@ -125,7 +125,8 @@ def test_rows_of_a_later_run_replace_the_same_rows(tmp_path):
     for old, got in zip(shipped["rows"], merged["rows"]):  # same order; only NAMM's rows changed
         assert got == (dict(old, score=old["score"] + 1.0) if old["evictor"] == "namm" else old)
     assert (merged["scorer"], merged["scorer_digest"], merged["date"]) == ("initial", digest, shipped["date"])
-    assert merged["updates"][0]["command"] == "tokenmem bench --evictors namm"
+    assert merged["updates"][-1]["command"] == "tokenmem bench --evictors namm"
+    assert merged["updates"][:-1] == shipped.get("updates", [])  # earlier updates of the base are kept
     text = (out / "transfer.md").read_text()
     assert "re-run on 2099-01-01" in text and "`tokenmem bench --evictors namm`" in text and digest in text
     language_only = dict(update, rows=[r for r in namm if r["modality"] == "language"], modalities=["language"])

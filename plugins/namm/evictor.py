@@ -76,10 +76,11 @@ class NAMM(Evictor):
 
     @classmethod
     def pretrained(cls, name: str = "language") -> "NAMM":
-        """A scorer shipped with tokenmem: ``"language"`` (v2), evolved on the shipped standard-library model's
-        code completion, retrieval and streaming perplexity (``tokenmem/zoo/scorers/language``, with its card and
-        evolution log) and used unchanged on every modality; ``"language-v1"`` is the first, shorter evolution,
-        kept for comparison. Looked up in :data:`SCORER_DIRS`."""
+        """A scorer shipped with tokenmem: ``"language"`` (v3, with the key feature), evolved on the shipped
+        standard-library model's code completion, early-planted retrieval and streaming perplexity
+        (``tokenmem/zoo/scorers/language``, with its card and evolution log) and used unchanged on every modality;
+        ``"language-v2"`` (the paper's features) and ``"language-v1"`` (the first, shorter evolution) are kept for
+        comparison. Looked up in :data:`SCORER_DIRS`."""
         for root in SCORER_DIRS:
             if (root / name / "scorer.json").exists():
                 return cls.from_file(root / name)
