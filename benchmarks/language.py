@@ -276,13 +276,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.merge:
-        rows, meta = {}, {}
+        rows, meta, wall = {}, {}, 0.0
         for path in args.merge:  # a later file's row replaces an earlier one of the same method and budget
             data = json.loads(Path(path).read_text())
             rows.update({(r["method"], r["budget"]): r for r in data["rows"]})
             meta = meta or data["meta"]
+            wall += data["meta"]["wall_s"]
         rows = list(rows.values())
-        meta["wall_s"] = round(sum(json.loads(Path(x).read_text())["meta"]["wall_s"] for x in args.merge), 1)
+        meta["wall_s"] = round(wall, 1)
     else:
         import transformers
         from transformers import AutoModelForCausalLM

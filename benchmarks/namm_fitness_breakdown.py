@@ -25,8 +25,8 @@ import time
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--evictors", nargs="+", default=["language", "language-v1", "h2o", "recent", "keydiff"],
-                   help="registered evictor names, or NAMM scorers: a shipped name (language, language-v2, language-v1), "
-                        "'initial' or a scorer directory")
+                   help="registered evictor names, or NAMM scorers: a shipped name (language, language-v2, "
+                        "language-v1), 'initial' or a scorer directory")
     p.add_argument("--version", choices=("v2", "v3"), default="v2", help="whose fitness (default v2)")
     p.add_argument("--quick", action="store_true", help="4 prompts per task (smoke test)")
     p.add_argument("--threads", type=int, default=1)

@@ -349,8 +349,8 @@ def scorer_digest(namm) -> str:
 def update_report(base: dict, update: dict) -> dict:
     """``base`` with the rows of ``update`` in place of its rows of the same (modality, evictor, budget): re-run one
     evictor (``tokenmem bench --evictors namm ...``) without re-running the others. ``update``'s modalities must be
-    among ``base``'s, with the same size and budgets. When the NAMM scorer differs (another name, another digest,
-    or a base without a digest), ``update`` must re-run every NAMM row of ``base``, so no report mixes scorers.
+    among ``base``'s, with the same size and budgets. When ``update`` has NAMM rows of a scorer whose digest is not
+    the base's (or the base has none), it must re-run every NAMM row of ``base``, so no report mixes scorers.
     The update is recorded in ``updates`` (its command, date, evictors and seconds) and named in the report."""
     for key in ("size", "budgets"):
         if json.dumps(base.get(key)) != json.dumps(update.get(key)):
@@ -371,10 +371,8 @@ def update_report(base: dict, update: dict) -> dict:
                                 f"not the base report's ({base.get('scorer')}, {base.get('scorer_digest')}), but it "
                                 f"leaves {len(stale)} NAMM rows of the old scorer (e.g. {stale[0]}); re-run namm on "
                                 "every modality and budget of the base report")
-    rows, seen = [], set()
-    for r in base["rows"]:
-        rows.append(new.get(key(r), r))
-        seen.add(key(r))
+    seen = {key(r) for r in base["rows"]}
+    rows = [new.get(key(r), r) for r in base["rows"]]
     rows += [r for r in update["rows"] if key(r) not in seen]  # rows the base lacked (e.g. a new evictor)
     merged = dict(base, rows=sorted(rows, key=lambda row: base["modalities"].index(row["modality"])))
     if reruns_namm:
