@@ -123,9 +123,12 @@ class MemoryLayer(CacheLayerMixin):
     def _allocate(self, like_k, like_v, capacity: int) -> None:
         b, h = like_k.shape[:2]
         old = (self._k, self._v, self._meta, self.state)
-        self._k = like_k.new_empty(b, h, capacity, like_k.shape[-1])
-        self._v = like_v.new_empty(b, h, capacity, like_v.shape[-1])
-        self._meta = torch.empty(b, h, capacity, FIELDS, dtype=torch.long, device=like_k.device)
+        # zeros, as the evictor state and rows: the slots past ``held`` are never live, but uninitialised memory there
+        # (NaN bit patterns included) made a buffer comparison flaky, and a kernel that reads a masked slot must
+        # never meet NaN (0 * NaN is NaN); a growth is amortised, so the fill costs nothing measurable
+        self._k = like_k.new_zeros(b, h, capacity, like_k.shape[-1])
+        self._v = like_v.new_zeros(b, h, capacity, like_v.shape[-1])
+        self._meta = torch.zeros(b, h, capacity, FIELDS, dtype=torch.long, device=like_k.device)
         spec = self.memory.evictor.state_spec()
         self.state = {
             name: torch.zeros(b, h, capacity, *shape, dtype=dtype, device=like_k.device)
