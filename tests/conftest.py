@@ -135,3 +135,37 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def torch_global_state() -> dict:
+    """The process-wide torch settings a test could leave changed for the tests after it (results of later tests
+    would then depend on the order they run in): default dtype, grad / inference mode, CPU autocast, float32
+    matmul precision (``"medium"`` lets oneDNN multiply float32 in bfloat16 on CPUs with AMX / AVX512-BF16),
+    deterministic algorithms, oneDNN and the number of threads."""
+    return {
+        "default dtype": torch.get_default_dtype(),
+        "grad enabled": torch.is_grad_enabled(),
+        "inference mode": torch.is_inference_mode_enabled(),
+        "cpu autocast": (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")),
+        "float32 matmul precision": torch.get_float32_matmul_precision(),
+        "fp32 precision": (torch.backends.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision,
+                           torch.backends.mkldnn.conv.fp32_precision),
+        "deterministic algorithms": (torch.are_deterministic_algorithms_enabled(),
+                                     torch.utils.deterministic.fill_uninitialized_memory),
+        "mkldnn enabled": torch.backends.mkldnn.enabled,
+        "threads": (torch.get_num_threads(), torch.get_num_interop_threads()),
+    }
+
+
+@pytest.fixture(autouse=True)
+def torch_state_unchanged(request):
+    """Fails the test that leaves torch's process-wide state changed: every later test would run under it. The
+    thread count is put back instead: the trainers' and benchmarks' ``main`` set it for their process by design
+    (``--threads``), and a test that calls one would otherwise run every later test on one thread."""
+    before = torch_global_state()
+    yield
+    if torch.get_num_threads() != before["threads"][0]:
+        torch.set_num_threads(before["threads"][0])
+    after = torch_global_state()
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    assert not changed, f"{request.node.nodeid} left torch's global state changed (before, after): {changed}"
