@@ -287,6 +287,10 @@ def test_dt_trainer_killed_between_log_lines_keeps_their_losses(tmp_path, dt_dat
     assert train_dt.main([*dt_args(dt_dataset, cut, steps, every=2), "--resume"]) == 0
     logs = [[(r["step"], r["loss"]) for r in load_torch(d / "checkpoint.pt")["log"]] for d in (full, cut)]
     assert [s for s, _ in logs[0]] == [10, 20, 30] and logs[0] == logs[1]
+    observe("DT trainer SIGKILLed between two log lines",
+            f"SIGKILL right after the checkpoint of step 14 of {steps} (log lines every 10 steps); the command again "
+            "with --resume", "the resumed run's log line at step 20 averages steps 11-20, as the uninterrupted run's "
+            "(the losses since the last line travel in the checkpoint); logs identical")
 
 
 def test_dt_trainer_refuses_a_damaged_checkpoint(tmp_path, dt_dataset, capsys):
