@@ -8,21 +8,22 @@ Model: the shipped Hopper DT (``tokenmem/envs/models/hopper-medium-dt``, trained
    official transformers example: last K steps re-encoded every step), the cached rollout with the full
    history, and every cached evictor (``--evictors``) at the same ``--budget`` (60 tokens = 20 timesteps =
    the reference's K), with the tokens the memory holds (mean over steps, and the maximum): with the
-   adapter's default ``decode_span=1`` the memory evicts after every step (held <= budget); with
-   ``--decode-span 3`` a step is a decode step and the memory evicts once ``interval`` new tokens have
-   accumulated, so it holds up to ``budget + interval - 1``. NAMM uses ``--namm-scorer``: by default the shipped scorer evolved on language
+   adapter's default ``decode_span=3`` a step is a decode step and the memory evicts once ``interval`` new
+   tokens (default 9, three timesteps) have accumulated, so it holds up to ``budget + interval - 1``; with
+   ``--decode-span 1`` it evicts after every step (held <= budget). NAMM uses ``--namm-scorer``: by default the shipped scorer evolved on language
    (``NAMM.pretrained("language")``), unchanged; ``initial`` for the untrained initial scorer;
 2. speed: model steps per second (policy time only, no physics; batch 1, random states) at steady state (the
    median of ``--speed-repeats`` rounds of ``--speed-steps`` steps, the policies taking turns in each round),
    for the reference re-encoding K steps vs the cache holding K steps, and the reference re-encoding
    ``--history`` steps vs the cache holding ``--history`` steps (the target: cached ``recent`` with eviction
-   >= 5x there), the cache as ``recent`` with the default ``decode_span=1`` (evicting one timestep per step) and
-   with ``decode_span=3``, and full (no eviction); once per ``--threads`` value (``--speed-only`` skips 1);
+   >= 5x there), the cache as ``recent`` with the adapter's default (``decode_span=3``, evicting every 9 new
+   tokens) and with ``decode_span=1`` (evicting one timestep at every step), and full (no eviction); once per
+   ``--threads`` value (``--speed-only`` skips 1);
 3. a plot (``--plot``) of the token types (return / state / action) and ages (timesteps before the current
    one) NAMM keeps, over every eviction of its rollouts.
 
     python benchmarks/decision.py [--model PATH] [--episodes 10] [--budget 60] [--namm-scorer language|initial|DIR]
-                                  [--history 200] [--threads 1 2] [--decode-span 1] [--speed-only]
+                                  [--history 200] [--threads 1 2] [--decode-span 3] [--speed-only]
                                   [--out results.json] [--plot namm_kept.png]
 """
 
@@ -112,9 +113,9 @@ def _recording(policy, kept: dict):
 
 def speed(adapter, plain_model, history: int, steps: int, seed: int, repeats: int = 3) -> dict:
     """Steady-state policy steps/s: the reference re-encoding ``history`` steps vs the cache holding
-    ``history`` steps: ``recent`` at a budget of ``3 * history`` tokens with the adapter's default ``decode_span=1``
-    (it evicts one timestep at every step) and with ``decode_span=3`` (it evicts once ``interval`` new tokens
-    have accumulated), and the full cache (no eviction; it grows from ``history`` steps by ``steps`` per round).
+    ``history`` steps: ``recent`` at a budget of ``3 * history`` tokens with the adapter's default
+    (``decode_span=3``: it evicts once 9 new tokens have accumulated) and with ``decode_span=1`` (it evicts one
+    timestep at every step), and the full cache (no eviction; it grows from ``history`` steps by ``steps`` per round).
     Every policy is timed for ``steps`` steps in each of ``repeats`` rounds, the policies taking turns within a
     round (so a change of machine load hits them alike); each figure is the median over the rounds."""
     from tokenmem.adapters.decision import CachedPolicy, ReferencePolicy
@@ -125,8 +126,8 @@ def speed(adapter, plain_model, history: int, steps: int, seed: int, repeats: in
     rtg = torch.full((1,), 3.6)
     out = {"history": history, "steps": steps, "repeats": repeats}
     policies = (("reference", ReferencePolicy(adapter, context=history, model=plain_model)),
-                ("cached", CachedPolicy(adapter, "recent", budget=3 * history)),  # the default: decode_span=1
-                ("cached_span", CachedPolicy(adapter, "recent", budget=3 * history, decode_span=3)),
+                ("cached", CachedPolicy(adapter, "recent", budget=3 * history)),  # the default: decode_span=3
+                ("cached_every", CachedPolicy(adapter, "recent", budget=3 * history, decode_span=1)),
                 ("cached_full", CachedPolicy(adapter, "full")))
     for _, policy in policies:
         policy.start(1)
@@ -145,10 +146,10 @@ def speed(adapter, plain_model, history: int, steps: int, seed: int, repeats: in
         out[name + "_rounds"] = values
     out["speedup"] = out["cached"] / out["reference"]
     out["speedup_full"] = out["cached_full"] / out["reference"]
-    out["speedup_span"] = out["cached_span"] / out["reference"]
+    out["speedup_every"] = out["cached_every"] / out["reference"]
     print(f"  history {history:>4} steps: reference {out['reference']:7.1f} steps/s, cached recent "
-          f"{out['cached']:7.1f} ({out['speedup']:.2f}x), with decode_span=3 {out['cached_span']:7.1f} "
-          f"({out['speedup_span']:.2f}x), cached full {out['cached_full']:7.1f} "
+          f"{out['cached']:7.1f} ({out['speedup']:.2f}x), evicting every step {out['cached_every']:7.1f} "
+          f"({out['speedup_every']:.2f}x), cached full {out['cached_full']:7.1f} "
           f"({out['speedup_full']:.2f}x)", flush=True)
     return out
 
@@ -196,8 +197,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1],
                    help="torch threads; several values repeat the speed table at each (quality runs at the first)")
     p.add_argument("--decode-span", type=int, default=None,
-                   help="the quality rows' decode_span (default: the adapter's, 1 = evict after every step; 3 = one "
-                        "timestep counts as a decode step, eviction every interval)")
+                   help="the quality rows' decode_span (default: the adapter's, 3 = one timestep counts as a decode "
+                        "step, eviction every --interval tokens, 9 unless given; 1 = evict after every step)")
     p.add_argument("--speed-only", action="store_true", help="skip the quality table")
     p.add_argument("--out", default=None, help="write the results as JSON")
     add_evictors_argument(p, exclude=("separator",))  # separators are text tokens: none in a trajectory
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
 
     print()
     if rows:
-        span = "the adapter's default, 1" if args.decode_span is None else args.decode_span
+        span = "the adapter's default, 3" if args.decode_span is None else args.decode_span
         print(f"decode_span: {span}; held: tokens layer 0 holds per row, mean over steps (max)")
         print(f"| config | budget | normalised score | mean return | mean length | held |")
         print(f"|---|---|---|---|---|---|")
@@ -260,13 +261,13 @@ def main(argv=None) -> int:
               f"| {r['length_mean']:.1f} | {held} |")
     print()
     print("torch threads: the same for every column of a row")
-    print("| threads | history (timesteps) | reference steps/s | cached recent, decode_span=1 (default: evicts every "
-          "step) | ratio | cached recent, decode_span=3 (evicts every interval) | ratio "
+    print("| threads | history (timesteps) | reference steps/s | cached recent, default (decode_span=3: evicts every "
+          "9 tokens) | ratio | cached recent, decode_span=1 (evicts every step) | ratio "
           "| cached full steps/s (no eviction) | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for s in speeds:
         print(f"| {s['threads']} | {s['history']} | {s['reference']:.1f} | {s['cached']:.1f} | {s['speedup']:.2f}x "
-              f"| {s['cached_span']:.1f} | {s['speedup_span']:.2f}x | {s['cached_full']:.1f} | {s['speedup_full']:.2f}x |")
+              f"| {s['cached_every']:.1f} | {s['speedup_every']:.2f}x | {s['cached_full']:.1f} | {s['speedup_full']:.2f}x |")
     kept_json = {"modality": dict(kept["modality"]), "age": {str(k): v for k, v in sorted(kept["age"].items())}}
     if args.plot:
         plot(kept, args.plot)

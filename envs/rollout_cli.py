@@ -23,12 +23,13 @@ def add_parser(sub, budget_type) -> None:
     p.add_argument("--evictor", default="full",
                    help="registered evictor name, or 'reference' for the official re-encoding loop (last K steps)")
     p.add_argument("--budget", type=budget_type, default=None, help="tokens kept per layer and head (3 per timestep)")
-    p.add_argument("--interval", type=int, default=None, help="new tokens between evictions (default: the evictor's)")
+    p.add_argument("--interval", type=int, default=None,
+                   help="new tokens between evictions (default: 9 with the default --decode-span 3, else the evictor's)")
     p.add_argument("--evict-timesteps", action="store_true", help="evict whole timesteps (return, state, action)")
     p.add_argument("--decode-span", type=int, default=None,
-                   help="calls of at most this many tokens count as decode steps (default 1: evict after every step, "
-                        "never above the budget; 3: every rollout step, so the memory evicts once --interval tokens "
-                        "have accumulated and holds up to budget + interval - 1: faster, lower scores on Hopper)")
+                   help="calls of at most this many tokens count as decode steps (default 3: every rollout step, so "
+                        "the memory evicts once --interval tokens have accumulated and holds up to budget + interval "
+                        "- 1; 1: evict after every step, never above the budget)")
     p.add_argument("--namm-scorer", default=None, help="with --evictor namm: a scorer directory, a shipped name or "
                    "'initial' (default: the shipped language-trained scorer, 'language')")
     p.add_argument("--episodes", type=int, default=10)

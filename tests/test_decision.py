@@ -122,21 +122,24 @@ def test_every_evictor_runs_within_budget(adapter, evictor):
     assert result.lengths.tolist() == [40, 40]
     assert memory.seen == 3 * 40 - 1
     held = [layer.held for layer in memory.layers]
-    assert memory.decode_span == 1  # the adapter's default: evict after every step
+    # the adapter's default: a 3-token step is a decode step, evictions every 9 new tokens (NAMM: the 16 given)
+    assert memory.decode_span == 3 and memory.interval == (16 if evictor == "namm" else 9)
     if budget is None:
         assert held == [memory.seen] * len(held)
     else:
-        assert max(held) <= budget and memory.stats()["evictions"] > 0
+        assert max(held) <= budget + memory.interval - 1 and memory.stats()["evictions"] > 0
     _check_metadata(memory)
 
 
-def test_decode_span_3_batches_rollout_evictions(adapter):
-    """With decode_span=3 the memory evicts once `interval` tokens have accumulated (fewer evictions, held <=
-    budget + interval - 1 after every step); the default (decode_span=1) evicts after every step (held <= budget)."""
+@pytest.mark.parametrize("interval", [12, None])
+def test_decode_span_3_batches_rollout_evictions(adapter, interval):
+    """By default (decode_span=3) the memory evicts once `interval` tokens have accumulated (fewer evictions, held
+    <= budget + interval - 1 after every step; interval 9 unless given); decode_span=1 evicts after every step
+    (held <= budget)."""
     seen_held = {}
-    for span in (3, None):
+    for span in (None, 1):
         options = {} if span is None else {"decode_span": span}
-        policy = CachedPolicy(adapter, "recent", 30, 12, **options)
+        policy = CachedPolicy(adapter, "recent", 30, interval, **options)
         act, held = policy.act, []
 
         def act_and_check(*a, _act=act, _held=held, _policy=policy, **k):
@@ -147,8 +150,9 @@ def test_decode_span_3_batches_rollout_evictions(adapter):
         policy.act = act_and_check
         result = rollout(adapter, policy, hoppers(1, terminate_when_unhealthy=False), [0], max_steps=40)
         seen_held[span] = (held, result.memory.stats()["evictions"])
-    (spaced, spaced_evictions), (every, every_evictions) = seen_held[3], seen_held[None]
-    assert max(every) <= 30 and max(spaced) <= 30 + 12 - 1 and max(spaced) > 30
+    (spaced, spaced_evictions), (every, every_evictions) = seen_held[None], seen_held[1]
+    spacing = 9 if interval is None else interval
+    assert max(every) <= 30 and max(spaced) <= 30 + spacing - 1 and max(spaced) > 30
     assert spaced_evictions < every_evictions
 
 
@@ -156,7 +160,7 @@ def test_long_history_beyond_context(adapter):
     """The cache keeps more than K timesteps (here 30 of 60 with a 90-token budget; all 60 without one)."""
     envs = lambda: hoppers(1, terminate_when_unhealthy=False)  # noqa: E731
     full = rollout(adapter, CachedPolicy(adapter), envs(), [0], max_steps=60)
-    bounded = rollout(adapter, CachedPolicy(adapter, "recent", budget=90), envs(), [0], max_steps=60)
+    bounded = rollout(adapter, CachedPolicy(adapter, "recent", budget=90, decode_span=1), envs(), [0], max_steps=60)
     assert full.memory.layers[0].held == 3 * 60 - 1 > 3 * adapter.context
     meta = bounded.memory.layers[0].meta
     assert bounded.memory.layers[0].held == 90
@@ -174,7 +178,7 @@ def test_evict_whole_timesteps(adapter, evictor):
     assert result.memory.evict_unit == "segment"
     for layer in result.memory.layers:
         meta = layer.meta
-        assert int(meta.valid.sum(-1).max()) <= 31 and layer.evictions > 0
+        assert int(meta.valid.sum(-1).max()) <= 31 + result.memory.interval - 1 and layer.evictions > 0
         for row in range(2):
             for head in range(meta.segment.shape[1]):
                 valid = meta.valid[row, head]
@@ -276,7 +280,7 @@ def test_decision_benchmark_runs_and_reports(dt_dir, tmp_path, capsys):
         assert len(row["returns"]) == 2 and np.isfinite(row["score_mean"])
     assert [s["history"] for s in result["speed"]] == [20, 8]
     for s in result["speed"]:
-        assert s["reference"] > 0 and s["cached"] > 0 and s["cached_full"] > 0 and s["cached_span"] > 0
+        assert s["reference"] > 0 and s["cached"] > 0 and s["cached_full"] > 0 and s["cached_every"] > 0
     kept = result["namm_kept"]["modality"]
     assert set(kept) <= {"return", "state", "action"} and sum(kept.values()) > 0  # NAMM evicted at budget 12
     table = capsys.readouterr().out
