@@ -165,10 +165,10 @@ class DecisionAdapter:
         Every rollout step is a call of 3 tokens (action, return, state). By default such a call counts as a
         decode step (``decode_span=3``) and the memory evicts once ``interval`` new tokens have accumulated,
         ``interval=9`` (three timesteps) unless given: held <= budget + interval - 1 (budget + 6 after a step).
-        Measured on Hopper (``benchmarks/decision.py``, 10 seeds, every evictor at budget 60): the scores are
-        those of evicting after every step within noise (mean over the evictors 21.4 vs 21.7 on another machine's run;
-        README "Decision Transformer"), and at a 200-step history the rollout is 5.6x the reference loop on one
-        thread instead of 4.0x. Larger intervals let the window grow further past the DT's trained context and
+        Measured on Hopper (``benchmarks/decision.py``, 10 seeds, 13 evictors at budget 60, both in one session on
+        one machine): the scores are those of evicting after every step within noise (mean 21.1 vs 21.3; ``recent``
+        24.9 -> 21.4, ``tova`` 19.9 -> 24.6; README "Decision Transformer"), and at a 200-step history the rollout
+        is 5.6x the reference loop on one thread instead of 4.0x. Larger intervals let the window grow further past the DT's trained context and
         cost score (interval 64: ``recent`` 24.0 -> 15.7); ``decode_span=1`` evicts after every step
         (held <= budget)."""
         if evict_timesteps:
