@@ -56,6 +56,16 @@ def test_bad_options_fail_before_any_work():
         transfer.run(budgets=[0.25, 64])
 
 
+def test_a_missing_or_unmarked_readme_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(transfer, "run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    with pytest.raises(TokenmemError, match="no such file"):
+        transfer.main(["--smoke", "--out", str(tmp_path / "out"), "--readme", str(tmp_path / "missing.md")])
+    (tmp_path / "plain.md").write_text("no markers\n")
+    with pytest.raises(TokenmemError, match="markers"):
+        transfer.main(["--smoke", "--out", str(tmp_path / "out"), "--readme", str(tmp_path / "plain.md")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_rl_packages_fail_before_any_modality_runs(monkeypatch):
     import importlib
 

@@ -427,8 +427,10 @@ def add_arguments(p) -> None:
 def main_from_args(args, command: str) -> int:
     from pathlib import Path
 
-    from .transfer_report import markdown, write
+    from .transfer_report import check_readme, markdown, write
 
+    if args.readme:
+        check_readme(Path(args.readme))  # before any work
     if args.from_json:
         import json
 

@@ -136,12 +136,21 @@ def markdown(report: dict, command: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: Path, section: str) -> None:
-    """Replace the text between the transfer markers of ``readme`` with ``section``."""
+def check_readme(readme: Path) -> str:
+    """The text of ``readme`` (``--readme``), refused unless it is a file holding both transfer markers; run before any
+    benchmark work, so that an hour's run does not end on a missing or unmarked README."""
+    if not readme.is_file():
+        raise TokenmemError(f"--readme {readme}: no such file; give the README whose transfer section to rewrite")
     text = readme.read_text(encoding="utf-8")
     if README_BEGIN not in text or README_END not in text:
         raise TokenmemError(f"{readme} has no {README_BEGIN} ... {README_END} markers; add them where the transfer "
                             "results belong")
+    return text
+
+
+def update_readme(readme: Path, section: str) -> None:
+    """Replace the text between the transfer markers of ``readme`` with ``section``."""
+    text = check_readme(readme)
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
     readme.write_text(head + README_BEGIN + "\n" + section + README_END + tail, encoding="utf-8")
