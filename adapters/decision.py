@@ -167,18 +167,26 @@ class DecisionAdapter:
         ``interval=9`` (three timesteps) unless given: held <= budget + interval - 1 (budget + 6 after a step).
         Measured on Hopper (``benchmarks/decision.py``, 10 seeds, 13 evictors at budget 60, both in one session on
         one machine): the scores are those of evicting after every step within noise (mean 21.1 vs 21.3; ``recent``
-        24.9 -> 21.4, ``tova`` 19.9 -> 24.6; README "Decision Transformer"), and at a 200-step history the rollout
-        is 5.6x the reference loop on one thread instead of 4.0x. Larger intervals let the window grow further past the DT's trained context and
-        cost score (interval 64: ``recent`` 24.0 -> 15.7); ``decode_span=1`` evicts after every step
-        (held <= budget)."""
+        24.9 -> 21.4, ``tova`` 19.9 -> 24.6, ``keydiff`` 25.9 -> 23.6 and lower still on held-out seeds: use
+        ``decode_span=1`` with it; README "Decision Transformer"), and at a 200-step history the rollout is 5.90x
+        the reference loop on one thread instead of 4.29x (``benchmarks/results/decision_speed.json``). Larger
+        intervals let the window grow further past the DT's trained context and cost score (interval 64:
+        ``recent`` 24.0 -> 15.7); ``decode_span=1`` evicts after every step (held <= budget).
+
+        The interval of 9 replaces the evictor's own ``default_interval`` (NAMM's 128, TOVA's 1) unless
+        ``interval`` is given. A threshold evictor (NAMM) applies its threshold at every update, so with the
+        default it drops tokens every 9 new tokens and may hold far less than the budget (the shipped scorer keeps
+        3-4% of the tokens at a 25% budget in ``tokenmem bench``'s RL rows). ``config=MemoryConfig(...)`` is used
+        as given (no defaults added)."""
         if evict_timesteps:
             if "evict_unit" not in inspect.signature(TokenMemory.__init__).parameters:
                 raise TokenmemError("evict_timesteps=True needs TokenMemory(evict_unit='segment'), which this "
                                     "version of tokenmem does not have; upgrade tokenmem or evict single tokens")
             options["evict_unit"] = "segment"
-        span = options.setdefault("decode_span", DEFAULT_DECODE_SPAN)  # TokenMemory checks a given value
-        if interval is None and isinstance(span, int) and not isinstance(span, bool) and span > 1:
-            interval = DEFAULT_INTERVAL
+        if "config" not in options:  # a MemoryConfig carries its own settings (TokenMemory refuses both)
+            span = options.setdefault("decode_span", DEFAULT_DECODE_SPAN)  # TokenMemory checks a given value
+            if interval is None and isinstance(span, int) and not isinstance(span, bool) and span > 1:
+                interval = DEFAULT_INTERVAL
         return TokenMemory(self.model.encoder, evictor, budget, interval, **options)
 
     def encode(self, embeds: torch.Tensor, memory: TokenMemory, attention_mask: torch.Tensor | None = None):

@@ -187,7 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=int, default=60)
-    p.add_argument("--interval", type=int, default=None, help="evictions every N new tokens (default: evictor's)")
+    p.add_argument("--interval", type=int, default=None,
+                   help="evictions every N new tokens (default: the adapter's 9 with decode_span > 1, else the evictor's)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--namm-scorer", default="language", help="NAMM scorer: a shipped name, a directory, or 'initial' "
                    "(default: the shipped language-trained scorer)")

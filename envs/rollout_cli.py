@@ -24,7 +24,8 @@ def add_parser(sub, budget_type) -> None:
                    help="registered evictor name, or 'reference' for the official re-encoding loop (last K steps)")
     p.add_argument("--budget", type=budget_type, default=None, help="tokens kept per layer and head (3 per timestep)")
     p.add_argument("--interval", type=int, default=None,
-                   help="new tokens between evictions (default: 9 with the default --decode-span 3, else the evictor's)")
+                   help="new tokens between evictions (default: 9 when --decode-span is above 1, as by default; "
+                        "with --decode-span 1 the evictor's, though every step then evicts anyway)")
     p.add_argument("--evict-timesteps", action="store_true", help="evict whole timesteps (return, state, action)")
     p.add_argument("--decode-span", type=int, default=None,
                    help="calls of at most this many tokens count as decode steps (default 3: every rollout step, so "

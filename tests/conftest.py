@@ -137,22 +137,34 @@ def load_benchmark(name: str):
     return module
 
 
+def _read(get):
+    """A setting's value, or why it could not be read (an attribute this torch lacks; mixed precision APIs)."""
+    try:
+        return get()
+    except (AttributeError, RuntimeError) as exc:
+        return f"unreadable: {type(exc).__name__}"
+
+
 def torch_global_state() -> dict:
     """The process-wide torch settings a test could leave changed for the tests after it (results of later tests
     would then depend on the order they run in): default dtype, grad / inference mode, CPU autocast, float32
     matmul precision (``"medium"`` lets oneDNN multiply float32 in bfloat16 on CPUs with AMX / AVX512-BF16),
     deterministic algorithms, oneDNN and the number of threads."""
+    mkldnn = torch.backends.mkldnn
     return {
         "default dtype": torch.get_default_dtype(),
         "grad enabled": torch.is_grad_enabled(),
         "inference mode": torch.is_inference_mode_enabled(),
-        "cpu autocast": (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")),
-        "float32 matmul precision": torch.get_float32_matmul_precision(),
-        "fp32 precision": (torch.backends.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision,
-                           torch.backends.mkldnn.conv.fp32_precision),
+        "cpu autocast": (torch.is_autocast_enabled("cpu"), _read(lambda: torch.get_autocast_dtype("cpu"))),
+        "float32 matmul precision": _read(torch.get_float32_matmul_precision),
+        "fp32 precision": tuple(_read(get) for get in (
+            lambda: torch.backends.fp32_precision, lambda: mkldnn.matmul.fp32_precision,
+            lambda: mkldnn.conv.fp32_precision, lambda: mkldnn.rnn.fp32_precision,
+            lambda: torch.backends.cuda.matmul.fp32_precision)),
         "deterministic algorithms": (torch.are_deterministic_algorithms_enabled(),
-                                     torch.utils.deterministic.fill_uninitialized_memory),
-        "mkldnn enabled": torch.backends.mkldnn.enabled,
+                                     torch.is_deterministic_algorithms_warn_only_enabled(),
+                                     _read(lambda: torch.utils.deterministic.fill_uninitialized_memory)),
+        "mkldnn": (mkldnn.enabled, _read(lambda: mkldnn.deterministic), _read(lambda: mkldnn.allow_tf32)),
         "threads": (torch.get_num_threads(), torch.get_num_interop_threads()),
     }
 
@@ -161,11 +173,38 @@ def torch_global_state() -> dict:
 def torch_state_unchanged(request):
     """Fails the test that leaves torch's process-wide state changed: every later test would run under it. The
     thread count is put back instead: the trainers' and benchmarks' ``main`` set it for their process by design
-    (``--threads``), and a test that calls one would otherwise run every later test on one thread."""
+    (``--threads``), and a test that calls one would otherwise run every later test on one thread. After a
+    failure the settings that can be set are put back too, so that only the test that changed them fails."""
     before = torch_global_state()
     yield
     if torch.get_num_threads() != before["threads"][0]:
         torch.set_num_threads(before["threads"][0])
     after = torch_global_state()
     changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    if changed:
+        torch.set_default_dtype(before["default dtype"])
+        torch.set_grad_enabled(before["grad enabled"])
+        if not isinstance(before["float32 matmul precision"], str) or not before["float32 matmul precision"].startswith("unreadable"):
+            torch.set_float32_matmul_precision(before["float32 matmul precision"])
+        for set_to, value in zip(_PRECISION_SETTERS, before["fp32 precision"]):
+            if not str(value).startswith("unreadable"):
+                set_to(value)
+        deterministic, warn_only, _ = before["deterministic algorithms"]
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.mkldnn.enabled = before["mkldnn"][0]
     assert not changed, f"{request.node.nodeid} left torch's global state changed (before, after): {changed}"
+
+
+def _set(obj_path: str):
+    def set_to(value):
+        *parents, name = obj_path.split(".")
+        obj = torch
+        for part in parents:
+            obj = getattr(obj, part)
+        setattr(obj, name, value)
+    return set_to
+
+
+_PRECISION_SETTERS = [_set(p) for p in ("backends.fp32_precision", "backends.mkldnn.matmul.fp32_precision",
+                                        "backends.mkldnn.conv.fp32_precision", "backends.mkldnn.rnn.fp32_precision",
+                                        "backends.cuda.matmul.fp32_precision")]

@@ -156,6 +156,17 @@ def test_decode_span_3_batches_rollout_evictions(adapter, interval):
     assert spaced_evictions < every_evictions
 
 
+def test_a_memory_config_is_used_as_given(adapter):
+    """The adapter's decode_span / interval defaults are not added to a MemoryConfig (TokenMemory refuses settings
+    given both ways)."""
+    config = tokenmem.MemoryConfig("recent", budget=30, decode_span=1)
+    memory = adapter.memory(config=config)
+    assert memory.decode_span == 1 and memory.interval == config.interval_for(memory.evictor) and memory.budget == 30
+    result = rollout(adapter, CachedPolicy(adapter, config=config), hoppers(1, terminate_when_unhealthy=False), [0],
+                     max_steps=20)
+    assert max(layer.held for layer in result.memory.layers) <= 30  # decode_span=1: evicts after every step
+
+
 def test_long_history_beyond_context(adapter):
     """The cache keeps more than K timesteps (here 30 of 60 with a 90-token budget; all 60 without one)."""
     envs = lambda: hoppers(1, terminate_when_unhealthy=False)  # noqa: E731

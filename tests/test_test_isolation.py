@@ -9,15 +9,27 @@ import torch
 from conftest import torch_global_state
 
 
+_START = {}
+
+
+def _precision_medium():
+    _START.update(torch_global_state())
+    torch.set_float32_matmul_precision("medium")
+
+
 def _precision_back():
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.mkldnn.matmul.fp32_precision = "none"  # "highest" sets it to "ieee", the default is "none"
+    """Put back what the test found (setting the precision also sets oneDNN's and CUDA's own settings)."""
+    from conftest import _PRECISION_SETTERS
+
+    torch.set_float32_matmul_precision(_START["float32 matmul precision"])
+    for set_to, value in zip(_PRECISION_SETTERS, _START["fp32 precision"]):
+        set_to(value)
 
 
 @pytest.mark.parametrize("key, change, undo", [
     # "medium" lets oneDNN multiply float32 in bfloat16 (on this CPU the packed and one-question video logits then
     # differ by ~5e-3: the failure the flaky test showed once, issue 21); it also sets oneDNN's own setting
-    ("float32 matmul precision", lambda: torch.set_float32_matmul_precision("medium"), _precision_back),
+    ("float32 matmul precision", _precision_medium, _precision_back),
     ("default dtype", lambda: torch.set_default_dtype(torch.float64),
      lambda: torch.set_default_dtype(torch.float32)),
     ("grad enabled", lambda: torch.set_grad_enabled(not torch.is_grad_enabled()),

@@ -60,9 +60,14 @@ def test_a_missing_or_unmarked_readme_fails_before_any_work(tmp_path, monkeypatc
     monkeypatch.setattr(transfer, "run", lambda *a, **k: pytest.fail("the benchmark ran"))
     with pytest.raises(TokenmemError, match="no such file"):
         transfer.main(["--smoke", "--out", str(tmp_path / "out"), "--readme", str(tmp_path / "missing.md")])
-    (tmp_path / "plain.md").write_text("no markers\n")
-    with pytest.raises(TokenmemError, match="markers"):
-        transfer.main(["--smoke", "--out", str(tmp_path / "out"), "--readme", str(tmp_path / "plain.md")])
+    for name, text in (("plain.md", "no markers\n"),
+                       ("reversed.md", "<!-- transfer:end -->\nold\n<!-- transfer:begin -->\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(TokenmemError, match="markers"):
+            transfer.main(["--smoke", "--out", str(tmp_path / "out"), "--readme", str(tmp_path / name)])
+    (tmp_path / "latin1.md").write_bytes("caf\xe9 <!-- transfer:begin --><!-- transfer:end -->".encode("latin-1"))
+    with pytest.raises(TokenmemError, match="not UTF-8"):
+        transfer.main(["--smoke", "--out", str(tmp_path / "out"), "--readme", str(tmp_path / "latin1.md")])
     assert not (tmp_path / "out").exists()
 
 

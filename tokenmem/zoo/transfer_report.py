@@ -139,12 +139,20 @@ def markdown(report: dict, command: str | None = None) -> str:
 def check_readme(readme: Path) -> str:
     """The text of ``readme`` (``--readme``), refused unless it is a file holding both transfer markers; run before any
     benchmark work, so that an hour's run does not end on a missing or unmarked README."""
+    import os
+
     if not readme.is_file():
         raise TokenmemError(f"--readme {readme}: no such file; give the README whose transfer section to rewrite")
-    text = readme.read_text(encoding="utf-8")
-    if README_BEGIN not in text or README_END not in text:
-        raise TokenmemError(f"{readme} has no {README_BEGIN} ... {README_END} markers; add them where the transfer "
-                            "results belong")
+    if not os.access(readme, os.W_OK):
+        raise TokenmemError(f"--readme {readme} is not writable; make it writable or leave out --readme")
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TokenmemError(f"--readme {readme} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    begin = text.find(README_BEGIN)
+    if begin < 0 or text.find(README_END, begin) < 0:
+        raise TokenmemError(f"{readme} has no {README_BEGIN} ... {README_END} markers (begin before end); add them "
+                            "where the transfer results belong")
     return text
 
 
