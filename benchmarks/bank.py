@@ -252,18 +252,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--merge", nargs="+", default=None,
                    help="merge JSON files written by --json (e.g. a run without namm and one with "
-                        "--evictors namm --no-full --skip-shift) into one report")
+                        "--evictors namm --no-full --skip-shift) into one report; a later file's rows of a method "
+                        "replace that method's earlier rows on the same held-out set")
     args = p.parse_args(argv)
     if args.merge:
         parts = [json.loads(Path(x).read_text()) for x in args.merge]
-        meta = dict(parts[0]["meta"], wall_s=round(sum(d["meta"]["wall_s"] for d in parts), 1))
+        meta, rows, shifts = merge_parts(parts, args.merge)
         order = {name: i for i, name in enumerate(["full", *args.evictors])}
-        rows = sorted((r for d in parts for r in _with_blocks(d["rows"])),
-                      key=lambda r: (r.get("split", "eval"), r["_block"] is not None, r["_block"] or 0.0,
-                                     order.get(r["method"], len(order))))
+        rows = sorted(rows, key=lambda r: (r.get("split", "eval"), r["_block"] is not None, r["_block"] or 0.0,
+                                           order.get(r["method"], len(order))))
         for r in rows:
             del r["_block"]
-        return _finish(rows, [r for d in parts for r in d["shift"]], meta, args)
+        return _finish(rows, shifts, meta, args)
     per = 2 if args.quick else args.per_distance
     sets = {split: held_out_records(split, per) for split in args.splits}  # refused before any model is loaded
 
@@ -332,6 +332,29 @@ def main(argv=None) -> int:
     return _finish(rows, shifts, meta, args)
 
 
+def merge_parts(parts: list[dict], names: list[str]) -> tuple[dict, list[dict], list[dict]]:
+    """``--merge``: the rows of several ``--json`` files in one report. A later file that has rows of a method on a
+    held-out set replaces every earlier row of that method on that set (its bank on/off rows and its matched-budget
+    controls), so one evictor re-run (``--evictors namm --no-full --skip-shift``) takes the place of its old rows;
+    the report's meta names each file that replaced rows. Returns ``(meta, rows tagged with their block, shift rows)``."""
+    meta = dict(parts[0]["meta"], wall_s=round(sum(d["meta"]["wall_s"] for d in parts), 1))
+    rows, shifts, replaced = [], [], []
+    for name, part in zip(names, parts):
+        new = _with_blocks(part["rows"])
+        taken = {(r.get("split", "eval"), r["method"]) for r in new}
+        kept = [r for r in rows if (r.get("split", "eval"), r["method"]) not in taken]
+        if len(kept) < len(rows):
+            methods = sorted({m for (_, m) in taken if any(r["method"] == m for r in rows)})
+            replaced.append(f"{', '.join(methods)} rows from {Path(name).name} ({part['meta']['date']})")
+        rows = kept + new
+        taken_shift = {(r.get("split", "eval"), r["method"], r.get("placement")) for r in part["shift"]}
+        shifts = [r for r in shifts if (r.get("split", "eval"), r["method"], r.get("placement")) not in taken_shift]
+        shifts += part["shift"]
+    if replaced:
+        meta["replaced"] = replaced
+    return meta, rows, shifts
+
+
 def _with_blocks(rows: list[dict]) -> list[dict]:
     """Tag each main row with the budget of its block (a matched-budget control row follows the bank row it
     controls and has another budget), so merged rows sort by block and keep off / on / control together."""
@@ -354,6 +377,9 @@ def _finish(rows, shifts, meta, args) -> int:
             f"Model `{meta['model']}`, prefill chunks of {CHUNK}; bank defaults {meta['bank']}, chosen on the evolve "
             f"files by benchmarks/bank_select.py; {meta['machine']}; torch {meta['torch']}, "
             f"transformers {meta['transformers']}; wall {meta['wall_s']} s.", ""]
+    if meta.get("replaced"):
+        text += ["Merged with `--merge`; a later file's rows of a method replace that method's earlier rows: "
+                 + "; ".join(meta["replaced"]) + ".", ""]
     for split in prompts:
         block = [r for r in rows if r.get("split", "eval") == split]
         if block:

@@ -94,3 +94,32 @@ def test_the_bank_report_runs_on_both_held_out_sets(report, tmp_path):
         assert on["attended"] > off["attended"] + 0.2 and control["budget"] == min(1.0, round(on["attended"], 2))
     text = (tmp_path / "bank.md").read_text()
     assert "### eval split" in text and "### third-party set" in text and "chosen on the evolve files" in text
+
+
+def test_merge_lets_a_later_run_replace_one_methods_rows(tmp_path):
+    """benchmarks/bank.py --merge: a later file with rows of a method (bank off / on / matched control) replaces
+    that method's earlier rows on that set and no others; the report names the replacement."""
+    bank = load_benchmark("bank")
+
+    def row(split, method, bank_on, budget, em, control=None):
+        r = {"split": split, "method": method, "bank": bank_on, "budget": budget, "em": em}
+        return dict(r, control=control) if control else r
+
+    meta = {"date": "2026-12-01", "wall_s": 10.0, "prompts": {"eval": 4, "thirdparty": 4}}
+    old = {"meta": meta, "shift": [], "rows": [
+        row("eval", "full", "off", None, 80.0), row("eval", "sink", "off", 0.25, 0.0), row("eval", "namm", "off", 0.25, 10.0),
+        row("eval", "namm", "on", 0.25, 70.0), row("eval", "namm", "off", 0.7, 20.0, "matched"),
+        row("thirdparty", "namm", "on", 0.25, 60.0)]}
+    new = {"meta": dict(meta, date="2026-12-03", wall_s=5.0), "shift": [], "rows": [
+        row("eval", "namm", "off", 0.25, 77.0), row("eval", "namm", "on", 0.25, 83.0),
+        row("eval", "namm", "off", 0.66, 85.0, "matched")]}
+    merged_meta, rows, _ = bank.merge_parts([old, new], ["old.json", "new.json"])
+    got = {(r["split"], r["method"], r["bank"], r["budget"]): r["em"] for r in rows}
+    assert got == {("eval", "full", "off", None): 80.0, ("eval", "sink", "off", 0.25): 0.0,
+                   ("eval", "namm", "off", 0.25): 77.0, ("eval", "namm", "on", 0.25): 83.0,
+                   ("eval", "namm", "off", 0.66): 85.0,
+                   ("thirdparty", "namm", "on", 0.25): 60.0}  # the other set's namm row stays
+    assert merged_meta["wall_s"] == 15.0 and merged_meta["replaced"] == ["namm rows from new.json (2026-12-03)"]
+    # files with different methods are joined as before, nothing replaced
+    _, rows, _ = bank.merge_parts([{"meta": meta, "shift": [], "rows": old["rows"][:2]}, new], ["a", "b"])
+    assert len(rows) == 5
