@@ -111,13 +111,15 @@ def _recording(policy, kept: dict):
     return policy
 
 
-def speed(adapter, plain_model, history: int, steps: int, seed: int, repeats: int = 3) -> dict:
+def speed(adapter, plain_model, history: int, steps: int, seed: int, repeats: int = 3,
+          intervals: tuple[int, ...] = ()) -> dict:
     """Steady-state policy steps/s: the reference re-encoding ``history`` steps vs the cache holding
     ``history`` steps: ``recent`` at a budget of ``3 * history`` tokens with the adapter's default
     (``decode_span=3``: it evicts once 9 new tokens have accumulated) and with ``decode_span=1`` (it evicts one
     timestep at every step), and the full cache (no eviction; it grows from ``history`` steps by ``steps`` per round).
     Every policy is timed for ``steps`` steps in each of ``repeats`` rounds, the policies taking turns within a
-    round (so a change of machine load hits them alike); each figure is the median over the rounds."""
+    round (so a change of machine load hits them alike); each figure is the median over the rounds. ``intervals``
+    adds one ``recent`` policy per interval (``decode_span=3``), keys ``cached_iv<N>``."""
     from tokenmem.adapters.decision import CachedPolicy, ReferencePolicy
 
     g = torch.Generator().manual_seed(seed)
@@ -128,7 +130,9 @@ def speed(adapter, plain_model, history: int, steps: int, seed: int, repeats: in
     policies = (("reference", ReferencePolicy(adapter, context=history, model=plain_model)),
                 ("cached", CachedPolicy(adapter, "recent", budget=3 * history)),  # the default: decode_span=3
                 ("cached_every", CachedPolicy(adapter, "recent", budget=3 * history, decode_span=1)),
-                ("cached_full", CachedPolicy(adapter, "full")))
+                ("cached_full", CachedPolicy(adapter, "full")),
+                *((f"cached_iv{iv}", CachedPolicy(adapter, "recent", budget=3 * history, interval=iv, decode_span=3))
+                  for iv in intervals))
     for _, policy in policies:
         policy.start(1)
         for t in range(history):  # fill the window / the memory (not timed)
@@ -147,6 +151,8 @@ def speed(adapter, plain_model, history: int, steps: int, seed: int, repeats: in
     out["speedup"] = out["cached"] / out["reference"]
     out["speedup_full"] = out["cached_full"] / out["reference"]
     out["speedup_every"] = out["cached_every"] / out["reference"]
+    for iv in intervals:
+        out[f"speedup_iv{iv}"] = out[f"cached_iv{iv}"] / out["reference"]
     print(f"  history {history:>4} steps: reference {out['reference']:7.1f} steps/s, cached recent "
           f"{out['cached']:7.1f} ({out['speedup']:.2f}x), evicting every step {out['cached_every']:7.1f} "
           f"({out['speedup_every']:.2f}x), cached full {out['cached_full']:7.1f} "
@@ -201,6 +207,8 @@ def main(argv=None) -> int:
                    help="the quality rows' decode_span (default: the adapter's, 3 = one timestep counts as a decode "
                         "step, eviction every --interval tokens, 9 unless given; 1 = evict after every step)")
     p.add_argument("--speed-only", action="store_true", help="skip the quality table")
+    p.add_argument("--speed-intervals", type=int, nargs="*", default=[],
+                   help="also time cached recent with decode_span=3 at each of these intervals (a column each)")
     p.add_argument("--out", default=None, help="write the results as JSON")
     add_evictors_argument(p, exclude=("separator",))  # separators are text tokens: none in a trajectory
     p.add_argument("--plot", default=None, help="write the NAMM plot (PNG)")
@@ -244,7 +252,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
         print(f" torch threads: {threads}", flush=True)
         for history in (adapter.context, args.history):
-            row = speed(adapter, plain, history, args.speed_steps, args.seed, args.speed_repeats)
+            row = speed(adapter, plain, history, args.speed_steps, args.seed, args.speed_repeats,
+                        tuple(args.speed_intervals))
             speeds.append(dict(row, threads=threads))
     torch.set_num_threads(args.threads[0])
 
@@ -269,6 +278,14 @@ def main(argv=None) -> int:
     for s in speeds:
         print(f"| {s['threads']} | {s['history']} | {s['reference']:.1f} | {s['cached']:.1f} | {s['speedup']:.2f}x "
               f"| {s['cached_every']:.1f} | {s['speedup_every']:.2f}x | {s['cached_full']:.1f} | {s['speedup_full']:.2f}x |")
+    if args.speed_intervals:
+        print()
+        print("cached recent with decode_span=3 at each interval: steps/s (ratio to the reference of the same row)")
+        print("| threads | history (timesteps) | " + " | ".join(f"interval {iv}" for iv in args.speed_intervals) + " |")
+        print("|---|---|" + "---|" * len(args.speed_intervals))
+        for s in speeds:
+            print(f"| {s['threads']} | {s['history']} | " + " | ".join(
+                f"{s[f'cached_iv{iv}']:.1f} ({s[f'speedup_iv{iv}']:.2f}x)" for iv in args.speed_intervals) + " |")
     kept_json = {"modality": dict(kept["modality"]), "age": {str(k): v for k, v in sorted(kept["age"].items())}}
     if args.plot:
         plot(kept, args.plot)

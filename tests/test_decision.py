@@ -280,7 +280,7 @@ def test_decision_benchmark_runs_and_reports(dt_dir, tmp_path, capsys):
     bench = load_benchmark("decision")
     out = tmp_path / "decision.json"
     assert bench.main(["--model", dt_dir, "--episodes", "2", "--batch", "2", "--max-steps", "30", "--budget", "12",
-                       "--history", "8", "--speed-steps", "3", "--out", str(out),
+                       "--history", "8", "--speed-steps", "3", "--speed-intervals", "6", "--out", str(out),
                        "--evictors", "full", "recent", "sink", "h2o", "namm",
                        "--decode-span", "1"]) == 0  # evict after every step: NAMM's interval exceeds 30 steps
     result = json.loads(out.read_text())
@@ -292,6 +292,7 @@ def test_decision_benchmark_runs_and_reports(dt_dir, tmp_path, capsys):
     assert [s["history"] for s in result["speed"]] == [20, 8]
     for s in result["speed"]:
         assert s["reference"] > 0 and s["cached"] > 0 and s["cached_full"] > 0 and s["cached_every"] > 0
+        assert s["cached_iv6"] > 0 and s["speedup_iv6"] == s["cached_iv6"] / s["reference"]
     kept = result["namm_kept"]["modality"]
     assert set(kept) <= {"return", "state", "action"} and sum(kept.values()) > 0  # NAMM evicted at budget 12
     table = capsys.readouterr().out
