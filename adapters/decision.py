@@ -184,8 +184,8 @@ class DecisionAdapter:
                                     "version of tokenmem does not have; upgrade tokenmem or evict single tokens")
             options["evict_unit"] = "segment"
         if "config" not in options:  # a MemoryConfig carries its own settings (TokenMemory refuses both)
-            span = options.setdefault("decode_span", DEFAULT_DECODE_SPAN)  # TokenMemory checks a given value
-            if interval is None and isinstance(span, int) and not isinstance(span, bool) and span > 1:
+            span = options.setdefault("decode_span", DEFAULT_DECODE_SPAN)  # TokenMemory refuses a bad value
+            if interval is None and span != 1:
                 interval = DEFAULT_INTERVAL
         return TokenMemory(self.model.encoder, evictor, budget, interval, **options)
 

@@ -338,18 +338,22 @@ def merge_parts(parts: list[dict], names: list[str]) -> tuple[dict, list[dict], 
     controls), so one evictor re-run (``--evictors namm --no-full --skip-shift``) takes the place of its old rows;
     the report's meta names each file that replaced rows. Returns ``(meta, rows tagged with their block, shift rows)``."""
     meta = dict(parts[0]["meta"], wall_s=round(sum(d["meta"]["wall_s"] for d in parts), 1))
+    def method(r):
+        return r.get("split", "eval"), r["method"]
+
+    def placement(r):
+        return *method(r), r.get("placement")
+
     rows, shifts, replaced = [], [], []
     for name, part in zip(names, parts):
         new = _with_blocks(part["rows"])
-        taken = {(r.get("split", "eval"), r["method"]) for r in new}
-        kept = [r for r in rows if (r.get("split", "eval"), r["method"]) not in taken]
-        if len(kept) < len(rows):
-            methods = sorted({m for (_, m) in taken if any(r["method"] == m for r in rows)})
-            replaced.append(f"{', '.join(methods)} rows from {Path(name).name} ({part['meta']['date']})")
-        rows = kept + new
-        taken_shift = {(r.get("split", "eval"), r["method"], r.get("placement")) for r in part["shift"]}
-        shifts = [r for r in shifts if (r.get("split", "eval"), r["method"], r.get("placement")) not in taken_shift]
-        shifts += part["shift"]
+        taken = {method(r) for r in new}
+        dropped = {r["method"] for r in rows if method(r) in taken}
+        if dropped:
+            replaced.append(f"{', '.join(sorted(dropped))} rows from {Path(name).name} ({part['meta']['date']})")
+        rows = [r for r in rows if method(r) not in taken] + new
+        taken = {placement(r) for r in part["shift"]}
+        shifts = [r for r in shifts if placement(r) not in taken] + part["shift"]
     if replaced:
         meta["replaced"] = replaced
     return meta, rows, shifts

@@ -148,11 +148,8 @@ def speed(adapter, plain_model, history: int, steps: int, seed: int, repeats: in
     for name, values in rates.items():
         out[name] = float(np.median(values))
         out[name + "_rounds"] = values
-    out["speedup"] = out["cached"] / out["reference"]
-    out["speedup_full"] = out["cached_full"] / out["reference"]
-    out["speedup_every"] = out["cached_every"] / out["reference"]
-    for iv in intervals:
-        out[f"speedup_iv{iv}"] = out[f"cached_iv{iv}"] / out["reference"]
+    for name, _ in policies[1:]:  # cached -> speedup, cached_full -> speedup_full, cached_iv9 -> speedup_iv9, ...
+        out[name.replace("cached", "speedup", 1)] = out[name] / out["reference"]
     print(f"  history {history:>4} steps: reference {out['reference']:7.1f} steps/s, cached recent "
           f"{out['cached']:7.1f} ({out['speedup']:.2f}x), evicting every step {out['cached_every']:7.1f} "
           f"({out['speedup_every']:.2f}x), cached full {out['cached_full']:7.1f} "

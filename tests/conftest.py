@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -157,10 +158,8 @@ def torch_global_state() -> dict:
         "inference mode": torch.is_inference_mode_enabled(),
         "cpu autocast": (torch.is_autocast_enabled("cpu"), _read(lambda: torch.get_autocast_dtype("cpu"))),
         "float32 matmul precision": _read(torch.get_float32_matmul_precision),
-        "fp32 precision": tuple(_read(get) for get in (
-            lambda: torch.backends.fp32_precision, lambda: mkldnn.matmul.fp32_precision,
-            lambda: mkldnn.conv.fp32_precision, lambda: mkldnn.rnn.fp32_precision,
-            lambda: torch.backends.cuda.matmul.fp32_precision)),
+        "fp32 precision": tuple(_read(lambda: functools.reduce(getattr, path.split("."), torch))
+                                for path in PRECISION_PATHS),
         "deterministic algorithms": (torch.are_deterministic_algorithms_enabled(),
                                      torch.is_deterministic_algorithms_warn_only_enabled(),
                                      _read(lambda: torch.utils.deterministic.fill_uninitialized_memory)),
@@ -184,27 +183,25 @@ def torch_state_unchanged(request):
     if changed:
         torch.set_default_dtype(before["default dtype"])
         torch.set_grad_enabled(before["grad enabled"])
-        if not isinstance(before["float32 matmul precision"], str) or not before["float32 matmul precision"].startswith("unreadable"):
+        if not before["float32 matmul precision"].startswith("unreadable"):
             torch.set_float32_matmul_precision(before["float32 matmul precision"])
-        for set_to, value in zip(_PRECISION_SETTERS, before["fp32 precision"]):
-            if not str(value).startswith("unreadable"):
-                set_to(value)
+        set_precisions(before["fp32 precision"])
         deterministic, warn_only, _ = before["deterministic algorithms"]
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.mkldnn.enabled = before["mkldnn"][0]
     assert not changed, f"{request.node.nodeid} left torch's global state changed (before, after): {changed}"
 
 
-def _set(obj_path: str):
-    def set_to(value):
-        *parents, name = obj_path.split(".")
-        obj = torch
-        for part in parents:
-            obj = getattr(obj, part)
-        setattr(obj, name, value)
-    return set_to
+
+PRECISION_PATHS = ("backends.fp32_precision", "backends.mkldnn.matmul.fp32_precision",
+                   "backends.mkldnn.conv.fp32_precision", "backends.mkldnn.rnn.fp32_precision",
+                   "backends.cuda.matmul.fp32_precision")  # under torch; the snapshot's "fp32 precision", in order
 
 
-_PRECISION_SETTERS = [_set(p) for p in ("backends.fp32_precision", "backends.mkldnn.matmul.fp32_precision",
-                                        "backends.mkldnn.conv.fp32_precision", "backends.mkldnn.rnn.fp32_precision",
-                                        "backends.cuda.matmul.fp32_precision")]
+def set_precisions(values) -> None:
+    """Set the settings of :data:`PRECISION_PATHS` to ``values`` (a snapshot's "fp32 precision"), skipping the
+    ones this torch could not read."""
+    for path, value in zip(PRECISION_PATHS, values):
+        if not str(value).startswith("unreadable"):
+            *parents, name = path.split(".")
+            setattr(functools.reduce(getattr, parents, torch), name, value)

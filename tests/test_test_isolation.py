@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import torch_global_state
+from conftest import set_precisions, torch_global_state
 
 
 _START = {}
@@ -19,11 +19,8 @@ def _precision_medium():
 
 def _precision_back():
     """Put back what the test found (setting the precision also sets oneDNN's and CUDA's own settings)."""
-    from conftest import _PRECISION_SETTERS
-
     torch.set_float32_matmul_precision(_START["float32 matmul precision"])
-    for set_to, value in zip(_PRECISION_SETTERS, _START["fp32 precision"]):
-        set_to(value)
+    set_precisions(_START["fp32 precision"])
 
 
 @pytest.mark.parametrize("key, change, undo", [
